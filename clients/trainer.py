@@ -1,0 +1,123 @@
+"""The one local training loop every simulated and real client runs.
+
+Data stay resident on the device as tensors; batches are index slices (no DataLoader on the hot path).
+Plugins hook into the loop through :class:`~fedsim.clients.plugin_api.PluginStack` events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsim.clients.plugin_api import Event, PluginStack, TrainState
+from fedsim.config import ClientConfig
+
+
+def make_optimizer(cfg: ClientConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    steps: int
+    metrics: dict[str, float]
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: ClientConfig,
+    plugins: PluginStack,
+    *,
+    round: int,
+    client_id: int,
+    seed: int,
+    rng: torch.Generator,
+    config: dict[str, Any] | None = None,
+    progress: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Run ``cfg.epochs`` epochs (capped by ``cfg.max_steps``) of mini-batch training in place.
+
+    Returns the number of examples (the FedAvg weight), local steps and the round's metrics
+    (mean training loss and accuracy over the batches seen, plus plugin metrics ``plugin/key``).
+    """
+    model.train()
+    opt = optimizer if optimizer is not None else make_optimizer(cfg, model.parameters())
+    state = TrainState(
+        model=model, optimizer=opt, loss_fn=nn.functional.cross_entropy, x=x, y=y,
+        device=x.device, round=round, client_id=client_id, seed=seed, rng=rng,
+        config=dict(config or {}), batch_size=cfg.batch_size, epochs=cfg.epochs,
+        max_steps=cfg.max_steps, progress=progress,
+    )
+    plugins.fire(Event.ROUND_START, state)
+    n = int(x.shape[0])
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    step_owner = plugins.owner.get("step")
+    for epoch in range(state.epochs):
+        state.epoch = epoch
+        plugins.fire(Event.EPOCH_START, state)
+        state.order = torch.randperm(n, generator=rng).to(x.device)
+        plugins.fire(Event.SAMPLER, state)
+        order, bs = state.order, state.batch_size
+        for start in range(0, int(order.shape[0]), bs):
+            idx = order[start:start + bs]
+            state.batch = (x[idx], y[idx])
+            plugins.fire(Event.BATCH, state)
+            bx, by = state.batch
+            plugins.fire(Event.BEFORE_FORWARD, state)
+            state.outputs = model(bx)
+            plugins.fire(Event.AFTER_FORWARD, state)
+            state.loss_terms = {"ce": state.loss_fn(state.outputs, by)}
+            plugins.fire(Event.LOSS, state)
+            loss = state.loss_terms["ce"] if len(state.loss_terms) == 1 else sum(state.loss_terms.values())
+            state.loss = loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            plugins.fire(Event.AFTER_BACKWARD, state)
+            plugins.fire(Event.BEFORE_STEP, state)
+            if step_owner is not None:
+                step_owner.on(Event.STEP, state)
+            else:
+                opt.step()
+            plugins.fire(Event.AFTER_STEP, state)
+            with torch.no_grad():
+                loss_sum += state.loss_terms["ce"].detach() * by.shape[0]
+                correct += (state.outputs.argmax(1) == by).sum()
+            state.samples_seen += int(by.shape[0])
+            state.step += 1
+            if state.stop or (state.max_steps and state.step >= state.max_steps):
+                break
+        plugins.fire(Event.EPOCH_END, state)
+        if state.stop or (state.max_steps and state.step >= state.max_steps):
+            break
+    plugins.fire(Event.ROUND_END, state)
+    seen = max(state.samples_seen, 1)
+    metrics = {"train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen}
+    metrics.update(state.metrics)
+    return TrainResult(num_examples=n, steps=state.step, metrics=metrics)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
+    model.eval()
+    loss = 0.0
+    correct = 0
+    for start in range(0, int(x.shape[0]), batch_size):
+        out = model(x[start:start + batch_size])
+        yy = y[start:start + batch_size]
+        loss += float(nn.functional.cross_entropy(out, yy, reduction="sum"))
+        correct += int((out.argmax(1) == yy).sum())
+    n = max(int(x.shape[0]), 1)
+    return {"loss": loss / n, "accuracy": correct / n}

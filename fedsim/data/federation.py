@@ -1,0 +1,167 @@
+"""A federation: one dataset split into client shards, a server labelled set and a test set.
+
+Every client process rebuilds the same federation from the scenario and the seed (no data is
+shipped from the server), so :func:`make_federation` is deterministic and cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import PurePath
+
+import numpy as np
+
+from fedsim.data import _checks
+from fedsim.data.datasets import Dataset, load_dataset
+from fedsim.data import partitioners
+from fedsim.data.partitioners import NUM_PARTITIONS_KEY
+from fedsim.data.splits import stratified_take
+from fedsim.errors import ConfigError, DataError
+from fedsim.rng import numpy_rng
+
+SERVER_LABELLED_KEY = "data.server_labelled"
+
+
+@dataclass(frozen=True, eq=False)
+class Federation:
+    """The data of one simulated federation (arrays are read-only and shared by clients).
+
+    Attributes
+    ----------
+    dataset
+        The full dataset; every index below points into ``dataset.x_train``/``y_train``.
+    client_indices
+        One sorted ``int64`` index array per client (disjoint).
+    server_indices
+        Labelled training samples held by the server (e.g. for SemiFL); disjoint from every
+        client's, possibly empty.
+    """
+
+    dataset: Dataset
+    client_indices: list[np.ndarray]
+    server_indices: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def x_test(self) -> np.ndarray:
+        return self.dataset.x_test
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return self.dataset.y_test
+
+    def client_data(self, client: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of ``client`` (0-based partition id)."""
+        indices = self.client_indices[client]
+        return self.dataset.x_train[indices], self.dataset.y_train[indices]
+
+    def server_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the server's labelled split."""
+        return self.dataset.x_train[self.server_indices], self.dataset.y_train[self.server_indices]
+
+    def client_sizes(self) -> np.ndarray:
+        return np.array([len(indices) for indices in self.client_indices], dtype=np.int64)
+
+
+def make_federation(dataset: str, num_clients: int, partitioner: str = "iid", partition: dict | None = None,
+                    options: dict | None = None, test_fraction: float = 0.2, server_labelled: int = 0,
+                    seed: int = 0) -> Federation:
+    """Build (or fetch from this process's cache) the federation a scenario describes.
+
+    Parameters
+    ----------
+    dataset, options
+        Registered dataset name (``data.dataset``) and its options (``data.options``).
+    num_clients
+        Number of client partitions (``data.num_clients``).
+    partitioner, partition
+        Registered partitioner name (``data.partitioner``) and its parameters (``data.partition``).
+    test_fraction
+        Share of the data held out for testing when the dataset has no test split of its own.
+    server_labelled
+        Number of training samples the server keeps (stratified by label, drawn before
+        partitioning and excluded from every client).
+    seed
+        Root seed: the dataset, the server split and the partition each get their own stream.
+
+    Returns
+    -------
+    Federation
+        The same object for the same arguments within a process; do not modify its arrays.
+    """
+    settings = {"dataset": dataset, "num_clients": num_clients, "partitioner": partitioner,
+                "partition": partition or {}, "options": options or {}, "test_fraction": test_fraction,
+                "server_labelled": server_labelled, "seed": seed}
+    try:
+        key = json.dumps(settings, sort_keys=True, default=_plain)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("data", f"settings must be plain numbers, strings, lists and tables ({err})",
+                          "remove objects from data.options / data.partition") from err
+    return _cached_federation(key)
+
+
+def clear_federation_cache() -> None:
+    """Forget every cached federation (e.g. after rewriting an npz file)."""
+    _cached_federation.cache_clear()
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not a plain value")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_federation(key: str) -> Federation:
+    return _build(**json.loads(key))
+
+
+def _build(dataset: str, num_clients: int, partitioner: str, partition: dict, options: dict,
+           test_fraction: float, server_labelled: int, seed: int) -> Federation:
+    data = load_dataset(dataset, seed, test_fraction, options)
+    num_clients = _checks.positive_int(NUM_PARTITIONS_KEY, num_clients)
+    server_labelled = _checks.int_at_least(SERVER_LABELLED_KEY, server_labelled, 0)
+    if num_clients > data.num_train:
+        raise DataError(f"{NUM_PARTITIONS_KEY}: {num_clients} clients but '{data.name}' has only {data.num_train} "
+                        "training samples, so some clients would get none",
+                        f"use at most {data.num_train} clients or a larger dataset (data.options)")
+    if server_labelled > data.num_train - num_clients:
+        raise DataError(f"{SERVER_LABELLED_KEY}: the server would keep {server_labelled} of {data.num_train} "
+                        f"training samples, leaving fewer than one per client ({num_clients} clients)",
+                        f"lower {SERVER_LABELLED_KEY} to at most {max(data.num_train - num_clients, 0)}")
+    server, pool = stratified_take(data.y_train, server_labelled, numpy_rng(seed, "server-split"))
+    ids = None if data.natural_ids is None else data.natural_ids[pool]
+    parts = partitioners.partition(partitioner, data.y_train[pool], num_clients, numpy_rng(seed, "partition"),
+                                   partition, natural_ids=ids)
+    clients = [_read_only(pool[part]) for part in parts]
+    for array in (data.x_train, data.y_train, data.x_test, data.y_test):
+        array.setflags(write=False)
+    return Federation(dataset=data, client_indices=clients, server_indices=_read_only(server))
+
+
+def _read_only(indices: np.ndarray) -> np.ndarray:
+    indices = np.asarray(indices, dtype=np.int64)
+    indices.setflags(write=False)
+    return indices
+
+
+def label_counts(federation: Federation) -> np.ndarray:
+    """Samples per class for every client, shape ``(num_clients, num_classes)``."""
+    labels = federation.dataset.y_train
+    return np.stack([np.bincount(labels[indices], minlength=federation.num_classes)
+                     for indices in federation.client_indices]).astype(np.int64)

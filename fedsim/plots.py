@@ -1,0 +1,69 @@
+"""Plots of a run directory, drawn from its saved files (so ``fedsim plot RUN_DIR`` can redraw them)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedsim.results import read_jsonl  # noqa: E402
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw accuracy, loss and participation per round into ``RUN_DIR/plots``; return the files."""
+    run = Path(run_dir)
+    rows = read_jsonl(run / "metrics.jsonl")
+    clients = read_jsonl(run / "clients.jsonl")
+    out = run / "plots"
+    out.mkdir(exist_ok=True)
+    files = []
+    for key, label, fname in (("test_accuracy", "test accuracy", "accuracy.png"),
+                              ("test_loss", "test loss", "loss.png")):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(*_series(rows, key), marker="o", ms=3, label=label)
+        if key == "test_loss":
+            ax.plot(*_series(rows, "train_loss"), marker=".", ms=3, label="train loss (clients)")
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(out / fname)
+    ok = Counter(c["round"] for c in clients if c.get("status") == "ok")
+    bad = Counter(c["round"] for c in clients if c.get("status") != "ok" and c.get("client") is not None)
+    rounds = sorted(set(ok) | set(bad))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(rounds, [ok[r] for r in rounds], label="replied")
+    ax.bar(rounds, [bad[r] for r in rounds], bottom=[ok[r] for r in rounds], label="failed")
+    ax.set_xlabel("round")
+    ax.set_ylabel("clients")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "participation.png", dpi=110)
+    plt.close(fig)
+    files.append(out / "participation.png")
+    priv = read_jsonl(run / "privacy.jsonl")
+    if priv:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for mech in sorted({p.get("mechanism", "total") for p in priv}):
+            pts = [(p["round"], p["epsilon"]) for p in priv if p.get("mechanism", "total") == mech]
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=mech)
+        ax.set_xlabel("round")
+        ax.set_ylabel("ε")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "epsilon.png", dpi=110)
+        plt.close(fig)
+        files.append(out / "epsilon.png")
+    return files

@@ -1,0 +1,326 @@
+"""Common base of fedsim strategies: a ``flwr.serverapp.strategy.Strategy`` with the parts every
+algorithm needs and Flower leaves out.
+
+* Nodes are mapped once to partition ids (``query.whoami``); sampling is seeded and done over
+  partition ids, so results do not depend on random node ids, engine or reply order.
+* Sampling waits for enough nodes with a deadline (``QuorumError`` after it), never forever.
+* Every reply is validated (keys, shapes, dtypes, finiteness, weights) before aggregation; a bad
+  reply, an error reply or a missing reply is recorded as a :class:`FailureRecord` and the round
+  goes on without it.
+* Subclasses implement :meth:`aggregate` over validated :class:`ClientUpdate` objects, sorted by
+  partition id; strategy state that must survive a resume goes in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.config import Scenario
+from fedsim.errors import AggregationError, ClientUpdateError, QuorumError
+from fedsim.options import build_options
+from fedsim.registry import Registry
+from fedsim.rng import numpy_rng
+from fedsim.wire import from_numpy, to_numpy
+
+STRATEGIES: Registry = Registry("strategy")
+
+MAX_NUM_EXAMPLES = 10**9
+
+
+def register_strategy(cls):
+    """Class decorator registering a strategy under ``cls.name``."""
+    return STRATEGIES.register(cls.name)(cls)
+
+
+@dataclass
+class ClientUpdate:
+    """One validated client reply."""
+
+    partition_id: int
+    node_id: int
+    arrays: list[np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+    content: RecordDict
+
+
+@dataclass
+class FailureRecord:
+    round: int
+    partition_id: int | None
+    node_id: int
+    kind: str  # "error" | "timeout" | "invalid" | "unreachable"
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "client": self.partition_id, "node_id": self.node_id,
+                "status": self.kind, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class FedSimStrategy(Strategy):
+    """Base class; see the module docstring. ``Options`` is a frozen dataclass of the strategy's options."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    train_action: ClassVar[str] = "train"
+    #: client plugins this strategy needs (enabled on clients automatically)
+    client_plugins: ClassVar[tuple[str, ...]] = ()
+    #: keys the reply's ArrayRecord must carry (``None`` = exactly the global model's keys)
+    reply_array_key: ClassVar[str] = "arrays"
+
+    def __init__(self, scenario: Scenario, options: Any | None = None) -> None:
+        self.scenario = scenario
+        s = scenario.strategy
+        self.options = options if options is not None else build_options(
+            self.Options, s.options(), "strategy")
+        self.fraction_train = s.fraction_train
+        self.min_train_clients = s.min_train_clients
+        self.fraction_evaluate = s.fraction_evaluate
+        self.seed = scenario.run.seed
+        self.num_partitions = scenario.data.num_clients
+        self.timeout = scenario.run.round_timeout
+        self.directory: dict[int, int] = {}  # node id -> partition id
+        self.keys: list[str] = []
+        self.current: list[np.ndarray] = []
+        self.failures: list[FailureRecord] = []
+        self.sampled: list[int] = []  # partition ids sampled this round
+        self.last_updates: list[ClientUpdate] = []
+        self._sent: list[Message] = []
+
+    # ------------------------------------------------------------------ node directory / sampling
+    def discover(self, grid: Grid) -> None:
+        """Ask unknown nodes for their partition id (one ``query.whoami`` each)."""
+        unknown = [n for n in grid.get_node_ids() if n not in self.directory]
+        if not unknown:
+            return
+        known = getattr(grid, "node_partitions", None)  # the local engine knows the mapping
+        if known is not None:
+            self.directory.update({n: known[n] for n in unknown if n in known})
+            return
+        msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.whoami")
+                for n in unknown]
+        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                continue
+            pid = int(reply.content.metric_records["metrics"]["partition-id"])
+            self.directory[reply.metadata.src_node_id] = pid
+
+    def available(self, grid: Grid, needed: int) -> dict[int, int]:
+        """``{partition id: node id}`` of reachable nodes, waiting up to the deadline for ``needed``."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.discover(grid)
+            live = set(grid.get_node_ids())
+            by_pid = {pid: node for node, pid in self.directory.items() if node in live}
+            if len(by_pid) >= needed:
+                return by_pid
+            if time.monotonic() > deadline:
+                raise QuorumError(
+                    f"only {len(by_pid)} of the {needed} clients needed were reachable after "
+                    f"{self.timeout:.0f} s",
+                    "start more nodes, lower strategy.min_train_clients, or raise run.round_timeout",
+                )
+            time.sleep(0.5)
+
+    def sample(self, server_round: int, grid: Grid, fraction: float | None = None) -> list[tuple[int, int]]:
+        """Seeded sample of ``max(floor(fraction·N), min_train_clients)`` clients: ``[(pid, node)]``.
+
+        Waits (up to the deadline) until at least ``min_train_clients`` nodes are reachable, then
+        samples among the reachable ones; dead nodes are simply not sampled.
+        """
+        frac = self.fraction_train if fraction is None else fraction
+        want = max(int(math.floor(frac * self.num_partitions)), self.min_train_clients)
+        want = min(want, self.num_partitions)
+        by_pid = self.available(grid, min(self.min_train_clients, want))
+        pids = sorted(by_pid)
+        rng = numpy_rng(self.seed, "sample", server_round)
+        chosen = sorted(int(p) for p in rng.choice(pids, size=min(want, len(pids)), replace=False))
+        return [(p, by_pid[p]) for p in chosen]
+
+    # ------------------------------------------------------------------ Flower Strategy interface
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.set_global(arrays)
+        self.failures = []
+        self.last_updates = []
+        picks = self.sample(server_round, grid)
+        self.sampled = [p for p, _ in picks]
+        msgs = []
+        for pid, node in picks:
+            cfg = ConfigRecord({**dict(config), "server-round": server_round,
+                                **self.train_config(server_round, pid)})
+            content = RecordDict({"arrays": self.train_arrays(server_round, pid, arrays), "config": cfg})
+            msgs.append(Message(content, dst_node_id=node, message_type=self.train_action))
+        self._sent = msgs
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates = self.collect(server_round, list(replies))
+        self.last_updates = updates
+        quorum = math.ceil(self.scenario.run.quorum * max(len(self.sampled), 1))
+        if len(updates) < max(quorum, 1):
+            self.failures.append(FailureRecord(server_round, None, 0, "quorum",
+                                               f"{len(updates)} valid replies < quorum {quorum}; "
+                                               "model left unchanged this round"))
+            return None, MetricRecord({"num-clients": len(updates), "quorum-failed": 1})
+        try:
+            new = self.aggregate(server_round, updates)
+        except AggregationError as err:
+            self.failures.append(FailureRecord(server_round, None, 0, "aggregation", str(err)))
+            return None, MetricRecord({"num-clients": len(updates), "aggregation-failed": 1})
+        self.current = [np.asarray(a) for a in new]
+        return self.to_record(self.current), MetricRecord(self.train_metrics(updates))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate <= 0:
+            return []
+        picks = self.sample(server_round, grid, self.fraction_evaluate)
+        cfg = ConfigRecord({**dict(config), "server-round": server_round})
+        return [Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=n, message_type="evaluate")
+                for _, n in picks]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = [r for r in replies if not r.has_error() and "metrics" in r.content.metric_records]
+        if not good:
+            return None
+        ms = [dict(r.content.metric_records["metrics"]) for r in good]
+        return MetricRecord(_weighted_metrics(ms))
+
+    def summary(self) -> None:
+        return None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def train_config(self, server_round: int, partition_id: int) -> dict[str, Any]:
+        """Extra per-client config values sent with the train message."""
+        return {}
+
+    def train_arrays(self, server_round: int, partition_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Arrays sent to one client (the global model by default)."""
+        return arrays
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def validate_arrays(self, u_arrays: ArrayRecord, pid: int) -> list[np.ndarray]:
+        """Check a reply's arrays against the global model: same keys, shapes, dtypes; all finite."""
+        keys = list(u_arrays.keys())
+        if keys != self.keys:
+            missing = sorted(set(self.keys) - set(keys))
+            extra = sorted(set(keys) - set(self.keys))
+            raise ClientUpdateError(pid, "arrays", f"keys differ from the global model (missing {missing[:3]}, "
+                                    f"unexpected {extra[:3]})", "the client must return the full state dict")
+        out = []
+        for k, ref in zip(self.keys, self.current):
+            try:
+                a = to_numpy(u_arrays[k])
+            except ValueError as err:
+                raise ClientUpdateError(pid, f"arrays.{k}", str(err), "the record is corrupt") from None
+            if a.shape != ref.shape:
+                raise ClientUpdateError(pid, f"arrays.{k}", f"shape {a.shape} != global {ref.shape}",
+                                        "client and server must build the same model")
+            if a.dtype.kind != ref.dtype.kind:
+                raise ClientUpdateError(pid, f"arrays.{k}", f"dtype {a.dtype} != global {ref.dtype}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ClientUpdateError(pid, f"arrays.{k}", "contains NaN or Inf",
+                                        "lower the learning rate or check the client's data")
+            out.append(a)
+        return out
+
+    def validate_weight(self, metrics: dict[str, Any], pid: int) -> int:
+        n = metrics.get("num-examples")
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or n > MAX_NUM_EXAMPLES:
+            raise ClientUpdateError(pid, "metrics.num-examples", f"must be an integer in 1..{MAX_NUM_EXAMPLES}, "
+                                    f"got {n!r}", "report the local training-set size")
+        return n
+
+    # ------------------------------------------------------------------ helpers
+    def set_global(self, arrays: ArrayRecord) -> None:
+        self.keys = list(arrays.keys())
+        self.current = [to_numpy(arrays[k]) for k in self.keys]
+
+    def to_record(self, arrays: list[np.ndarray]) -> ArrayRecord:
+        return ArrayRecord({k: from_numpy(a) for k, a in zip(self.keys, arrays)})
+
+    def collect(self, server_round: int, replies: list[Message]) -> list[ClientUpdate]:
+        """Validate replies; record errors, invalid and missing replies; return updates sorted by pid."""
+        node_of_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        updates: list[ClientUpdate] = []
+        answered: set[int] = set()
+        for r in replies:
+            node = node_of_msg.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
+            pid = self.directory.get(node)
+            if r.has_error():
+                self.failures.append(FailureRecord(server_round, pid, node, "error", str(r.error.reason)[-500:]))
+                continue
+            try:
+                metrics = dict(r.content.metric_records["metrics"]) if "metrics" in r.content.metric_records else {}
+                pid = int(metrics.get("partition-id", pid if pid is not None else -1))
+                arrays = self.validate_arrays(r.content.array_records[self.reply_array_key], pid) \
+                    if self.reply_array_key in r.content.array_records else None
+                if arrays is None:
+                    raise ClientUpdateError(pid, self.reply_array_key, "missing from the reply")
+                n = self.validate_weight(metrics, pid)
+            except ClientUpdateError as err:
+                self.failures.append(FailureRecord(server_round, pid, node, "invalid", err.message))
+                continue
+            updates.append(ClientUpdate(pid, node, arrays, n, metrics, r.content))
+        for m in self._sent:
+            if m.metadata.dst_node_id not in answered:
+                node = m.metadata.dst_node_id
+                self.failures.append(FailureRecord(server_round, self.directory.get(node), node, "timeout",
+                                                   f"no reply within {self.timeout:.0f} s"))
+        updates.sort(key=lambda u: u.partition_id)
+        return updates
+
+    def train_metrics(self, updates: list[ClientUpdate]) -> dict[str, float | int]:
+        out: dict[str, float | int] = _weighted_metrics([u.metrics for u in updates])
+        out["num-clients"] = len(updates)
+        out["num-examples"] = int(sum(u.num_examples for u in updates))
+        times = [float(u.metrics.get("sim-time", 0.0)) for u in updates]
+        out["sim-round-time"] = max(times) if times else 0.0
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Strategy state that a resume needs (server optimiser moments, flags...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        return None
+
+
+def _weighted_metrics(ms: list[dict[str, Any]]) -> dict[str, float]:
+    """Example-weighted mean of numeric client metrics (ids and counts excluded)."""
+    skip = {"partition-id", "num-examples"}
+    weights = [float(m.get("num-examples", 1)) for m in ms]
+    total = sum(weights) or 1.0
+    out: dict[str, float] = {}
+    for key in sorted({k for m in ms for k in m} - skip):
+        vals = [(w, m[key]) for w, m in zip(weights, ms) if isinstance(m.get(key), (int, float))]
+        if vals:
+            out[key] = float(sum(w * v for w, v in vals) / (sum(w for w, _ in vals) or total))
+    return out
+
+
+def make_strategy(scenario: Scenario) -> FedSimStrategy:
+    """Instantiate the scenario's strategy with validated options."""
+    cls = STRATEGIES.get(scenario.strategy.name, key="strategy.name")
+    return cls(scenario)

@@ -1,0 +1,151 @@
+"""Dataset loaders: shapes, dtypes, determinism, option checking and npz validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsim.data import DATASETS, dataset_options, load_dataset
+from fedsim.errors import ConfigError, DataError, UnknownNameError
+
+SMALL = {
+    "digits": {},
+    "synthetic": {"num_samples": 600, "num_users": 10},
+    "synthetic_images": {"num_samples": 300},
+}
+
+
+def check_dataset(data, num_classes, input_shape):
+    assert data.input_shape == input_shape and data.num_classes == num_classes
+    for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test)):
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        assert x.shape == (len(y), *input_shape)
+        assert np.all(np.isfinite(x)) and np.all((y >= 0) & (y < num_classes))
+
+
+def test_every_registered_dataset_is_tested():
+    assert set(DATASETS.names()) == set(SMALL) | {"npz"}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_generated_and_bundled_datasets_are_seeded(name):
+    first = load_dataset(name, 3, 0.25, SMALL[name])
+    again = load_dataset(name, 3, 0.25, SMALL[name])
+    other = load_dataset(name, 4, 0.25, SMALL[name])
+    assert np.array_equal(first.x_train, again.x_train) and np.array_equal(first.y_test, again.y_test)
+    assert not np.array_equal(first.x_test, other.x_test)
+    assert abs(first.num_test - 0.25 * (first.num_train + first.num_test)) <= len(np.unique(first.y_train)) + 1
+
+
+def test_digits():
+    data = load_dataset("digits", 0, 0.2)
+    check_dataset(data, 10, (1, 8, 8))
+    assert data.num_train + data.num_test == 1797 and data.name == "digits"
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
+    train_share = np.bincount(data.y_train) / np.bincount(np.concatenate([data.y_train, data.y_test]))
+    assert np.all(np.abs(train_share - 0.8) < 0.02), "split is stratified"
+
+
+def test_synthetic_has_natural_users_and_options():
+    data = load_dataset("synthetic", 0, 0.2, {"num_samples": 500, "num_users": 7, "dim": 12, "num_classes": 4})
+    check_dataset(data, 4, (12,))
+    assert data.num_train + data.num_test == 500
+    assert set(data.natural_ids) == set(range(7)) and len(data.natural_ids) == data.num_train
+    assert len(data.natural_ids_test) == data.num_test
+    iid = load_dataset("synthetic", 0, 0.2, {"num_samples": 500, "iid": True})
+    check_dataset(iid, 10, (60,))
+    with pytest.raises(ConfigError, match="data.options.num_samples"):
+        load_dataset("synthetic", 0, 0.2, {"num_samples": 10, "num_users": 30})
+    with pytest.raises(ConfigError, match="data.options.alpha"):
+        load_dataset("synthetic", 0, 0.2, {"alpha": -1.0})
+
+
+def test_synthetic_images_shapes_and_balance():
+    data = load_dataset("synthetic_images", 0, 0.2, {"num_samples": 400, "num_classes": 4, "noise": 0.0})
+    check_dataset(data, 4, (1, 28, 28))
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
+    assert np.all(np.bincount(data.y_train) == 80)
+
+
+def test_synthetic_images_are_learnable_by_a_simple_classifier():
+    from sklearn.neighbors import NearestCentroid
+
+    data = load_dataset("synthetic_images", 0, 0.25, {"num_samples": 2000})
+    flat = NearestCentroid().fit(data.x_train.reshape(data.num_train, -1), data.y_train)
+    assert flat.score(data.x_test.reshape(data.num_test, -1), data.y_test) > 0.6  # a CNN reaches > 0.9
+
+
+def test_unknown_dataset_option_and_fraction_errors():
+    with pytest.raises(UnknownNameError) as info:
+        load_dataset("mnist", 0)
+    assert info.value.key == "data.dataset"
+    with pytest.raises(ConfigError) as info:
+        load_dataset("synthetic", 0, 0.2, {"alpah": 1.0})
+    assert info.value.key == "data.options.alpah"
+    assert all(option in str(info.value) for option in dataset_options("synthetic"))
+    with pytest.raises(ConfigError, match=r"data.options.path.*allowed: \(none\)"):
+        load_dataset("digits", 0, 0.2, {"path": "x"})
+    with pytest.raises(ConfigError, match="data.test_fraction"):
+        load_dataset("digits", 0, 1.0)
+
+
+# ---- npz -------------------------------------------------------------------------------------
+
+def save(tmp_path, **arrays):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_npz_with_and_without_a_test_split(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 3, 4)), np.arange(50) % 5
+    data = load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=x, y_train=y)})
+    check_dataset(data, 5, (3, 4))
+    assert data.num_train == 40 and data.num_test == 10 and data.natural_ids is None
+    path = save(tmp_path, x_train=x, y_train=y.astype(np.float64), x_test=x[:7], y_test=y[:7],
+                natural_ids=np.arange(50) % 3)
+    data = load_dataset("npz", 0, 0.2, {"path": path, "num_classes": 8})
+    check_dataset(data, 8, (3, 4))
+    assert data.num_train == 50 and data.num_test == 7 and len(data.natural_ids) == 50
+
+
+X = np.zeros((10, 2))
+Y = np.arange(10) % 2
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x_train": X}, "no key 'y_train'"),
+        ({"features": X, "y_train": Y}, "no key 'x_train'"),
+        ({"x_train": X, "y_train": Y[:9]}, "'y_train'.*expected \\(10,\\)"),
+        ({"x_train": X, "y_train": Y - 1}, "'y_train'.*negative"),
+        ({"x_train": X, "y_train": Y + 0.5}, "'y_train'.*integer"),
+        ({"x_train": np.zeros(10), "y_train": Y}, "'x_train'.*axis 0|'x_train'.*shape"),
+        ({"x_train": np.full((10, 2), np.nan), "y_train": Y}, "'x_train'.*NaN"),
+        ({"x_train": np.array([["a", "b"]] * 10), "y_train": Y}, "'x_train'.*dtype"),
+        ({"x_train": X, "y_train": Y, "x_test": X}, "only one of 'x_test' and 'y_test'"),
+        ({"x_train": X, "y_train": Y, "x_test": np.zeros((3, 5)), "y_test": Y[:3]}, "'x_test'.*sample shape"),
+        ({"x_train": X, "y_train": Y, "natural_ids": Y[:4]}, "'natural_ids'"),
+    ],
+)
+def test_npz_errors_name_the_key_and_the_fix(tmp_path, arrays, message):
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset("npz", 0, 0.2, {"path": save(tmp_path, **arrays)})
+    assert info.value.hint
+
+
+def test_npz_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data.options.path"):
+        load_dataset("npz", 0, 0.2)
+    with pytest.raises(DataError, match="data.options.path: no file"):
+        load_dataset("npz", 0, 0.2, {"path": str(tmp_path / "missing.npz")})
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_dataset("npz", 0, 0.2, {"path": str(tmp_path / "junk.npz")})
+    objects = np.empty(10, dtype=object)
+    with pytest.raises(DataError, match="object arrays"):
+        load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=objects, y_train=Y)})
+    with pytest.raises(DataError, match="data.options.num_classes"):
+        load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=X, y_train=Y * 3), "num_classes": 2})

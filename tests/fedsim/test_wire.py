@@ -1,0 +1,40 @@
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+
+from fedsim.wire import from_numpy, to_numpy
+
+dtypes = st.sampled_from([np.float32, np.float64, np.int64, np.int32, np.uint8])
+
+
+@settings(max_examples=80, deadline=None)
+@given(dtypes.flatmap(lambda d: arrays(d, array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=4))))
+def test_round_trip_matches_numpy_save(x):
+    a = from_numpy(x)
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    assert a.data == buf.getvalue()
+    y = to_numpy(a)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(a.numpy(), x)
+
+
+def test_header_that_lies_is_rejected():
+    real = from_numpy(np.ones(4, dtype=np.float64))
+    liar = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=real.data)
+    with pytest.raises(ValueError, match="header"):
+        to_numpy(liar)
+    short = Array(dtype="float64", shape=(1,), stype="numpy.ndarray", data=real.data)
+    with pytest.raises(ValueError):
+        to_numpy(short)
+
+
+def test_non_contiguous_input():
+    x = np.arange(6.0).reshape(2, 3).T
+    np.testing.assert_array_equal(to_numpy(from_numpy(x)), x)
