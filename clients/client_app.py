@@ -169,7 +169,13 @@ def fit(call: ClientCall) -> RecordDict:
 
 
 def build_client_app(scenario: Scenario | None = None) -> ClientApp:
-    """The ClientApp; with ``scenario=None`` it reads the scenario TOML from ``run_config``."""
+    """The ClientApp; with ``scenario=None`` it reads the scenario TOML from ``run_config``.
+
+    Every task in :data:`CLIENT_TASKS` becomes the named action ``train.<task>``.
+    """
+    from fedsim.catalog import load_all
+
+    load_all()
     app = ClientApp()
 
     def _call(msg: Message, context: Context) -> ClientCall:

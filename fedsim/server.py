@@ -106,7 +106,8 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
                 row.update({f"fed_{k}": v for k, v in dict(fed_eval).items()})
             if rnd % scenario.run.eval_every == 0 or rnd == rounds:
                 row.update(server.evaluate(arrays))
-            row["failed-clients"] = sum(1 for f in strategy.failures if f.partition_id is not None)
+            row["failed-clients"] = sum(1 for f in strategy.failures
+                                        if f.partition_id is not None and f.kind not in ("sat-out", "straggler"))
             rec.log_clients(_client_records(rnd, strategy))
             if privacy is not None:
                 records = privacy.after_round(rnd)

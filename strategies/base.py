@@ -217,6 +217,14 @@ class FedSimStrategy(Strategy):
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def parse_reply(self, content: RecordDict, metrics: dict[str, Any], pid: int) -> list[np.ndarray]:
+        """Turn a reply's content into the arrays :meth:`aggregate` gets, or raise
+        :class:`ClientUpdateError`. By default: the full model under ``reply_array_key``."""
+        if self.reply_array_key not in content.array_records:
+            raise ClientUpdateError(pid, self.reply_array_key, "missing from the reply",
+                                    "the client task must return an ArrayRecord under this key")
+        return self.validate_arrays(content.array_records[self.reply_array_key], pid)
+
     def validate_arrays(self, u_arrays: ArrayRecord, pid: int) -> list[np.ndarray]:
         """Check a reply's arrays against the global model: same keys, shapes, dtypes; all finite."""
         keys = list(u_arrays.keys())
@@ -274,10 +282,11 @@ class FedSimStrategy(Strategy):
             try:
                 metrics = dict(r.content.metric_records["metrics"]) if "metrics" in r.content.metric_records else {}
                 pid = int(metrics.get("partition-id", pid if pid is not None else -1))
-                arrays = self.validate_arrays(r.content.array_records[self.reply_array_key], pid) \
-                    if self.reply_array_key in r.content.array_records else None
-                if arrays is None:
-                    raise ClientUpdateError(pid, self.reply_array_key, "missing from the reply")
+                if metrics.get("sat-out"):  # the client chose not to contribute (e.g. no confident sample)
+                    self.failures.append(FailureRecord(server_round, pid, node, "sat-out",
+                                                       str(metrics.get("reason", "client sat the round out"))))
+                    continue
+                arrays = self.parse_reply(r.content, metrics, pid)
                 n = self.validate_weight(metrics, pid)
             except ClientUpdateError as err:
                 self.failures.append(FailureRecord(server_round, pid, node, "invalid", err.message))
