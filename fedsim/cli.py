@@ -202,9 +202,11 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FedSimError as err:
-        err_console.print(f"[red]error[/red] ({type(err).__name__}): {err.message}")
+        from rich.markup import escape
+
+        err_console.print(f"[red]error[/red] ({type(err).__name__}): {escape(err.message)}")
         if err.hint:
-            err_console.print(f"[yellow]hint[/yellow]: {err.hint}")
+            err_console.print(f"[yellow]hint[/yellow]: {escape(err.hint)}")
         sys.exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")

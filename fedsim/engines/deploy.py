@@ -165,12 +165,22 @@ def write_app(app_dir: Path, scenario_text: str, out_dir: Path) -> Path:
     return app_dir
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NOISE = ("[uvicorn.access]", "ControlServicer.ListRuns", "ControlServicer.StreamLogs")
+
+
+def _clean(text: str, lines: int) -> str:
+    """The last ``lines`` lines of a Flower log, without colour codes and HTTP access lines."""
+    keep = [ln.rstrip() for ln in _ANSI.sub("", text).splitlines()
+            if ln.strip() and not any(n in ln for n in _NOISE)]
+    return "\n".join(keep[-lines:])
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
-        text = path.read_text(errors="replace")
+        return _clean(path.read_text(errors="replace"), lines)
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,9 +302,6 @@ class LocalFederation:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
-    def pids(self) -> list[int]:
-        return [p.popen.pid for p in self.procs]
-
     # -- the CLI --------------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run ``flwr ARGS`` against this federation (own session, killed on timeout)."""
@@ -319,8 +326,13 @@ class LocalFederation:
     # -- internals ------------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str], log: Path, env: dict[str, str]) -> None:
         fh = open(log, "ab")
-        popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, cwd=self.workdir, start_new_session=True)
+        try:
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=self.workdir, start_new_session=True)
+        except OSError as err:
+            fh.close()
+            raise EngineError(f"could not start {name} ({cmd[0]}): {err}",
+                              "check the Flower installation: flower-superlink --version") from err
         self.procs.append(_Proc(name, popen, log, fh))
 
     def _check_alive(self) -> None:
@@ -465,6 +477,7 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
             status = _wait_finished(fed, run_id, dep.run_timeout)
             info["status"] = status
             info["run_s"] = round(time.monotonic() - t_run, 2)
+            _save_serverapp_log(fed, run_id)
             summary = _read_summary(out, started)
             if status != "finished:completed" or summary.get("status") != "completed":
                 what = summary.get("status", "no summary.json") if summary else "no summary.json written"
@@ -492,18 +505,29 @@ def _submit(fed: LocalFederation, app: Path) -> int:
     return int(run_id)
 
 
-def _status(fed: LocalFederation, run_id: int) -> str:
+def _status(fed: LocalFederation, run_id: int) -> tuple[str, str]:
+    """``(status, error)``: the run's status from ``flwr ls``, or ``""`` and the CLI's complaint."""
     res = fed.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
-    runs = _parse_json(res.stdout).get("runs") or []
-    return str(runs[0].get("status", "")) if runs else ""
+    data = _parse_json(res.stdout)
+    runs = data.get("runs") or []
+    if res.returncode == 0 and runs:
+        return str(runs[0].get("status", "")), ""
+    return "", str(data.get("error-message") or res.stderr or res.stdout).strip()[-400:]
 
 
 def _wait_finished(fed: LocalFederation, run_id: int, run_timeout: float) -> str:
     deadline = time.monotonic() + run_timeout
+    failures = 0
+    status = ""
     while True:
-        status = _status(fed, run_id)
-        if status.startswith("finished"):
-            return status
+        current, problem = _status(fed, run_id)
+        if current.startswith("finished"):
+            return current
+        status = current or status
+        failures = failures + 1 if problem else 0
+        if failures >= 5:
+            raise EngineError(f"`flwr ls` failed 5 times in a row for run {run_id}: {problem}",
+                              "see the SuperLink log; the Control API may be unreachable")
         if time.monotonic() > deadline:
             with contextlib.suppress(EngineError):
                 fed.flwr("stop", str(run_id), CONNECTION, timeout=60)
@@ -528,14 +552,21 @@ def _read_summary(out: Path, started: float) -> dict[str, Any]:
         return {}
 
 
+def _save_serverapp_log(fed: LocalFederation, run_id: int) -> None:
+    """Fetch the ServerApp's log from the SuperLink (``flwr log ID --show``) into logs/serverapp.log."""
+    with contextlib.suppress(EngineError, OSError):
+        res = fed.flwr("log", str(run_id), CONNECTION, "--show", timeout=30)
+        (fed.logs / "serverapp.log").write_text(_ANSI.sub("", res.stdout or ""))
+
+
 def _log_tails(fed: LocalFederation, run_id: int) -> str:
     parts = []
-    with contextlib.suppress(EngineError):
-        res = fed.flwr("log", str(run_id), CONNECTION, "--show", timeout=30)
-        text = (res.stdout or "").strip()
-        if text:
-            parts.append("--- ServerApp log (flwr log --show), last lines\n" + "\n".join(text.splitlines()[-25:]))
-    parts.append("--- SuperLink log, last lines\n" + _tail(fed.superlink_log, 25))
+    if not (fed.logs / "serverapp.log").exists():
+        _save_serverapp_log(fed, run_id)
+    text = _tail(fed.logs / "serverapp.log", 20)
+    if text:
+        parts.append("--- ServerApp log (flwr log --show), last lines\n" + text)
+    parts.append("--- SuperLink log, last lines\n" + _tail(fed.superlink_log, 12))
     return "\n".join(parts)
 
 
@@ -548,3 +579,42 @@ def _keep_logs(fed: LocalFederation, out: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for f in fed.logs.glob("*.log"):
             shutil.copy2(f, dest / f.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# `python -m fedsim.engines.deploy app ...`: the Flower app for a SuperLink you run yourself
+# ------------------------------------------------------------------------------------------------
+def _main(argv: list[str] | None = None) -> int:
+    """Write the tiny Flower app for SCENARIO, to submit with ``flwr run APP_DIR CONNECTION``."""
+    import argparse
+
+    from fedsim.config import load_scenario
+
+    parser = argparse.ArgumentParser(prog="python -m fedsim.engines.deploy",
+                                     description="Tools for running fedsim on your own SuperLink.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    app = sub.add_parser("app", help="write the Flower app directory for a scenario")
+    app.add_argument("scenario", help="scenario TOML file (or a built-in name)")
+    app.add_argument("--app-dir", required=True, help="directory to write (pyproject.toml + one module)")
+    app.add_argument("--out", required=True,
+                     help="run directory, as a path on the SuperLink's machine (the ServerApp writes it)")
+    app.add_argument("--set", "-s", action="append", default=[], dest="overrides",
+                     help="override: section.key=value (repeatable)")
+    certs = sub.add_parser("certs", help="a throw-away CA and a server certificate for 127.0.0.1")
+    certs.add_argument("directory")
+    args = parser.parse_args(argv)
+    if args.cmd == "certs":
+        c = make_test_certificates(args.directory)
+        print(f"ca={c.ca}\ncert={c.cert}\nkey={c.key}")
+        return 0
+    scen = load_scenario(args.scenario, args.overrides)
+    scen.run.engine = "deploy"
+    out = Path(args.out).expanduser()
+    out = out if out.is_absolute() else out.resolve()
+    path = write_app(Path(args.app_dir), dumps_scenario(scen), out)
+    print(path.resolve())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(_main())

@@ -63,6 +63,8 @@ def _check_completed(summary: dict, out: Path) -> None:
     assert "Starting Fleet API (gRPC-rere) on 127.0.0.1:" in link_log
     assert link_log.count("[Fleet.ActivateNode] Activated node_id=") == 2
     assert "[Fleet.PushMessages]" in link_log  # the replies came over the gRPC Fleet API
+    assert "/v1/fleet/" not in link_log  # ...and not over an HTTP Fleet API
+    assert (out / "deploy-logs" / "serverapp.log").exists()
 
 
 def test_deploy_two_supernodes_over_grpc(tmp_path):
