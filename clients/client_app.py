@@ -74,7 +74,10 @@ class ClientCall:
 
         needed = STRATEGIES.get(self.scenario.strategy.name, key="strategy.name").client_plugins
         names = list(c.plugins) + [p for p in needed if p not in c.plugins]
-        stack = build_plugins(names, c.plugin_settings)
+        if self.scenario.privacy.mechanism == "dp-sgd" and "dp_sgd" not in names:
+            names.append("dp_sgd")
+        stack = build_plugins(names, lambda n: dp_sgd_settings(self.scenario) if n == "dp_sgd"
+                              else c.plugin_settings(n))
         for p in stack.plugins:
             saved = self.context.state.config_records.get(f"plugin.{p.name}")
             arrays = self.context.state.array_records.get(f"plugin.{p.name}")
@@ -113,6 +116,14 @@ class ClientCall:
         slow = f.stragglers > 0 and numpy_rng(self.scenario.run.seed, "straggler", self.round,
                                               self.partition_id).random() < f.stragglers
         return float(steps) * (f.straggler_slowdown if slow else 1.0)
+
+
+def dp_sgd_settings(scenario: Scenario) -> dict[str, Any]:
+    """The ``dp_sgd`` plugin's settings come from the ``[privacy]`` section."""
+    p = scenario.privacy
+    return {"noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "sample_rate": p.sample_rate,
+            "accountant": p.accountant, "delta": p.delta, "secure_rng": p.secure_rng,
+            **scenario.client.plugin_settings("dp_sgd")}
 
 
 def _arr(v: np.ndarray):

@@ -53,7 +53,11 @@ REVERSED_EVENTS = frozenset(
 
 @dataclass
 class TrainState:
-    """Everything the loop knows about one client's local round; plugins read and mutate it."""
+    """Everything the loop knows about one client's local round; plugins read and mutate it.
+
+    ``model`` and ``optimizer`` may be replaced by a plugin at ``ROUND_START`` (e.g. DP-SGD wraps
+    them); the loop always uses the current ones.
+    """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -73,6 +77,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     order: torch.Tensor | None = None  # sample order of the current epoch (SAMPLER may replace it)
+    batches: list[torch.Tensor] | None = None  # SAMPLER may set explicit index batches (any sizes)
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
     outputs: torch.Tensor | None = None
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -68,31 +68,34 @@ def train_local(
         state.epoch = epoch
         plugins.fire(Event.EPOCH_START, state)
         state.order = torch.randperm(n, generator=rng).to(x.device)
+        state.batches = None
         plugins.fire(Event.SAMPLER, state)
         order, bs = state.order, state.batch_size
-        for start in range(0, int(order.shape[0]), bs):
-            idx = order[start:start + bs]
+        batches = state.batches if state.batches is not None else \
+            [order[s:s + bs] for s in range(0, int(order.shape[0]), bs)]
+        for idx in batches:
             state.batch = (x[idx], y[idx])
             plugins.fire(Event.BATCH, state)
             bx, by = state.batch
             plugins.fire(Event.BEFORE_FORWARD, state)
-            state.outputs = model(bx)
+            state.outputs = state.model(bx)
             plugins.fire(Event.AFTER_FORWARD, state)
             state.loss_terms = {"ce": state.loss_fn(state.outputs, by)}
             plugins.fire(Event.LOSS, state)
             loss = state.loss_terms["ce"] if len(state.loss_terms) == 1 else sum(state.loss_terms.values())
             state.loss = loss
-            opt.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             plugins.fire(Event.AFTER_BACKWARD, state)
             plugins.fire(Event.BEFORE_STEP, state)
             if step_owner is not None:
                 step_owner.on(Event.STEP, state)
             else:
-                opt.step()
+                state.optimizer.step()
             plugins.fire(Event.AFTER_STEP, state)
             with torch.no_grad():
-                loss_sum += state.loss_terms["ce"].detach() * by.shape[0]
+                if by.shape[0]:
+                    loss_sum += state.loss_terms["ce"].detach() * by.shape[0]
                 correct += (state.outputs.argmax(1) == by).sum()
             state.samples_seen += int(by.shape[0])
             state.step += 1

@@ -63,3 +63,36 @@ def check_scenario_names(scenario: Any) -> None:
     reg["partitioners"].get(scenario.data.partitioner, key="data.partitioner")
     reg["models"].get(scenario.model.name, key="model.name")
     build_plugins(scenario.client.plugins, scenario.client.plugin_settings)
+    check_privacy(scenario)
+
+
+def check_privacy(scenario: Any) -> None:
+    """Privacy preflight: mechanism/strategy combinations and DP-SGD-compatible layers."""
+    from fedsim.errors import ConfigError
+
+    p = scenario.privacy
+    if p.mechanism == "none":
+        return
+    if p.mechanism == "dp-sgd":
+        others = [n for n in scenario.client.plugins if n != "dp_sgd"]
+        if others:
+            raise ConfigError("client.plugins", f"DP-SGD cannot be combined with {others} yet: Opacus computes "
+                              "per-sample gradients of the cross-entropy only, other loss terms would be dropped",
+                              "remove the plugins or use privacy.mechanism = \"dp-fedavg\"")
+        from fedsim.clients.plugins.dp_sgd import preflight
+        from fedsim.models import build_model
+
+        shape, classes = _data_meta(scenario)
+        preflight(build_model(scenario.model, shape, classes, 0))
+    if p.mechanism in ("dp-fedavg", "dp-ftrl") and scenario.strategy.name not in ("dp_fedavg", "dp_ftrl"):
+        raise ConfigError("strategy.name", f"privacy.mechanism = \"{p.mechanism}\" is a server strategy",
+                          f"set strategy.name = \"{p.mechanism.replace('-', '_')}\"")
+    if p.max_epsilon and p.noise_multiplier == 0:
+        raise ConfigError("privacy.noise_multiplier", "a budget was set but the noise multiplier is 0 (ε = ∞)",
+                          "set privacy.noise_multiplier > 0")
+
+
+def _data_meta(scenario: Any):
+    from fedsim.clients.runtime import dataset_meta
+
+    return dataset_meta(scenario)

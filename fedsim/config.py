@@ -32,6 +32,11 @@ class RunConfig(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     output: str = "runs"
     threads: int = Field(1, ge=1, description="torch intra-op threads per client process")
+    vectorize: bool = Field(
+        False, description="local engine: train a round's plain-fit clients together (torch.vmap "
+        "over stacked parameters; clients with plugins, faults, Adam, BatchNorm/Dropout, and conv "
+        "models on CPU stay per client); equal to the per-client path up to float32 rounding, not bit "
+        "for bit, hence off by default")
     eval_every: int = Field(1, ge=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round")
     quorum: float = Field(0.5, ge=0.0, le=1.0, description="fraction of sampled clients that must reply")
@@ -102,13 +107,32 @@ class StrategyConfig(BaseModel):
 
 
 class PrivacyConfig(_Section):
+    """Privacy mechanism, its noise and clipping, the accountant and the budget.
+
+    ``dp-sgd``: sample-level DP on every client (Opacus per-sample clipping, Poisson sampling with
+    ``sample_rate``). ``dp-fedavg``: client-level DP on the server (per-update clipping, Gaussian
+    noise on the average, ``client_sampling`` poisson or fixed). ``dp-ftrl``: client-level DP with
+    tree-aggregated noise on the running sum of clipped updates (no sampling amplification).
+    """
+
     mechanism: Literal["none", "dp-sgd", "dp-fedavg", "dp-ftrl"] = "none"
     noise_multiplier: float = Field(0.0, ge=0.0)
     clip_norm: float = Field(1.0, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_epsilon: float = Field(0.0, ge=0.0, description="budget; 0 = no budget check")
     accountant: Literal["rdp", "pld", "zcdp"] = "rdp"
-    options: dict[str, Any] = Field(default_factory=dict)
+    sample_rate: float = Field(0.0, ge=0.0, le=1.0, description="dp-sgd Poisson rate; 0 = batch_size / local size")
+    client_sampling: Literal["poisson", "fixed"] = "poisson"
+    clipping: Literal["flat", "per_layer"] = "flat"
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_lr: float = Field(0.2, gt=0.0)
+    count_noise: float = Field(0.0, ge=0.0, description="σ_b of the clipped-count release (adaptive clipping)")
+    ftrl_restart_every: int = Field(0, ge=0, description="dp-ftrl: restart the tree every k rounds (0 = never)")
+    release_counters: bool = Field(True, description="publish participation counts through a DP counter")
+    counter: Literal["tree", "honaker", "sqrt"] = "tree"
+    counter_noise: float = Field(10.0, ge=0.0, description="noise multiplier of the released counters")
+    secure_rng: bool = Field(False, description="OS randomness for noise (not reproducible)")
 
 
 class FaultsConfig(_Section):

@@ -73,6 +73,11 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
     server = ServerRuntime(scenario)
     if hasattr(strategy, "attach_server"):
         strategy.attach_server(server)
+    from fedsim.privacy.ledger import build_ledger
+
+    ledger = build_ledger(scenario, strategy, server)
+    if ledger is not None:
+        strategy.privacy = ledger
     rec = RunRecorder(out_dir, scenario, engine)
     arrays = server.initial_arrays()
     rounds = scenario.run.rounds
@@ -113,6 +118,7 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
                 records = privacy.after_round(rnd)
                 rec.log_privacy(records)
                 row.update({"epsilon": records[-1]["epsilon"]} if records else {})
+                row.update(privacy.released())
             rec.log_round(row)
             last = row
             completed = rnd
