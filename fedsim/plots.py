@@ -67,3 +67,34 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         files.append(out / "epsilon.png")
     return files
+
+
+def plot_privacy_utility(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Final test accuracy against final total ε, one point per run, one series per mechanism."""
+    import json
+
+    pts: dict[str, list[tuple[float, float]]] = {}
+    for d in run_dirs:
+        run = Path(d)
+        summary = json.loads((run / "summary.json").read_text())
+        priv = read_jsonl(run / "privacy.jsonl")
+        totals = [p for p in priv if p.get("mechanism") == "total"]
+        mech = next((p["mechanism"] for p in priv if p.get("mechanism") not in ("total",)
+                     and not str(p.get("mechanism")).startswith("counter")), "none")
+        eps = totals[-1]["epsilon"] if totals else float("inf")
+        acc = summary.get("final", {}).get("test_accuracy")
+        if acc is not None:
+            pts.setdefault(mech, []).append((eps, acc))
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for mech, xy in sorted(pts.items()):
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ls=":", label=mech)
+    ax.set_xlabel("ε (total, at the run's δ)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

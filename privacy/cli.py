@@ -72,3 +72,14 @@ def calibrate(
     kind = "fixed" if sampling in ("without-replacement", "fixed") else sampling
     r = cal(epsilon, delta, sample_rate, steps, accountant, kind)
     _emit(r, fmt, f"σ = {r['noise_multiplier']:.6g} gives ε = {r['epsilon']:.6g} ≤ {epsilon:g}")
+
+
+@privacy_app.command()
+def utility(
+    run_dirs: Annotated[list[str], typer.Argument(help="run directories of private runs")],
+    out: Annotated[str, typer.Option(help="PNG to write")] = "privacy_utility.png",
+) -> None:
+    """Privacy–utility plot across runs: final accuracy against total ε."""
+    from fedsim.plots import plot_privacy_utility
+
+    console.print(str(plot_privacy_utility(run_dirs, out)))
