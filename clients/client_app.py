@@ -174,8 +174,14 @@ def fit(call: ClientCall) -> RecordDict:
     )
     call.save_plugins(stack)
     arrays = corrupt(call, state_to_arrays(model))
+    extra: dict[str, Any] = {}
+    if call.scenario.privacy.mechanism != "none" and call.scenario.privacy.release_counters:
+        # for the server's DP label-histogram counter only (never written to the logs)
+        extra["label-counts"] = torch.bincount(y, minlength=call.runtime.num_classes).tolist()
     metrics = call.reply_metrics(**{"num-examples": res.num_examples, "steps": res.steps,
                                     "sim-time": call.simulated_time(res.steps)}, **res.metrics)
+    for k, v in extra.items():
+        metrics[k] = [int(c) for c in v]
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 

@@ -143,9 +143,9 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
 def _client_records(rnd: int, strategy: Any) -> list[dict[str, Any]]:
     out = []
     for u in getattr(strategy, "last_updates", []):
+        private = ("partition-id", "num-examples", "label-counts")  # label counts are released only via DP
         out.append({"round": rnd, "client": u.partition_id, "node_id": u.node_id, "status": "ok",
-                    "num_examples": u.num_examples,
-                    **{k: v for k, v in u.metrics.items() if k not in ("partition-id", "num-examples")}})
+                    "num_examples": u.num_examples, **{k: v for k, v in u.metrics.items() if k not in private}})
     out += [f.to_json() for f in strategy.failures]
     return sorted(out, key=lambda r: (r["client"] is None, r["client"] if r["client"] is not None else 0))
 

@@ -17,6 +17,8 @@ Mechanisms
 * ``counter/participation`` — the per-round number of participating clients, published through a
   continual-release counter (event-level ρ-zCDP; the noisy running count goes into the metrics as
   ``released/participation``).
+* ``counter/label_histogram`` — the running label histogram of the data that trained (clients send
+  their label counts with the update; they are never logged), published as ``released/label_histogram``.
 
 The ``total`` record is the basic composition (sum) of the mechanisms' ε at the same δ — a safe upper
 bound when mechanisms protect the same unit.
@@ -181,6 +183,41 @@ class ParticipationCounter(_Mechanism):
         return {"steps": int(self.counter.steps), "count": self.count}
 
 
+class LabelHistogramCounter(_Mechanism):
+    """Publishes the running label histogram of the data that trained (sample-level, one sample
+    moves one bin by 1: ℓ2 sensitivity 1) with a vector continual-release counter."""
+
+    name = "counter/label_histogram"
+
+    def __init__(self, scenario, num_classes: int) -> None:
+        from fedsim.privacy.counters import make_counter
+
+        p = scenario.privacy
+        self.rho = 1.0 / (2.0 * p.counter_noise ** 2) * _levels(scenario.run.rounds, p.counter)
+        rng = np.random.default_rng() if p.secure_rng else numpy_rng(scenario.run.seed, "noise", "labels")
+        self.counter = make_counter(p.counter, scenario.run.rounds, self.rho, shape=(num_classes,), rng=rng)
+        self.total = np.zeros(num_classes)
+        self.released: list[float] | None = None
+
+    def epsilon(self, delta: float) -> float:
+        return zcdp_to_epsilon(self.rho, delta)
+
+    def epsilon_next(self, rnd: int, delta: float) -> float:
+        return self.epsilon(delta)
+
+    def record(self, rnd: int, strategy: Any) -> dict[str, Any]:
+        for u in strategy.last_updates:
+            counts = u.metrics.get("label-counts")
+            if isinstance(counts, list) and len(counts) == len(self.total):
+                self.total += np.asarray(counts, dtype=np.float64)
+        noisy = self.total + np.asarray(self.counter.update(np.zeros_like(self.total)))
+        self.released = [round(float(v), 3) for v in noisy]
+        return {"released": self.released}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": int(self.counter.steps)}
+
+
 def _levels(horizon: int, kind: str) -> float:
     """Calibrate the counter so that each tree node has noise multiplier ``counter_noise``: ρ = L/(2σ²)."""
     return float(max(1, math.ceil(math.log2(horizon + 1)))) if kind in ("tree", "honaker") else 1.0
@@ -203,6 +240,7 @@ class PrivacyLedger:
             self.mechanisms.append(DPFTRLMechanism(strategy))
         if p.release_counters and p.counter_noise > 0:
             self.mechanisms.append(ParticipationCounter(scenario))
+            self.mechanisms.append(LabelHistogramCounter(scenario, int(server.federation.num_classes)))
 
     def before_round(self, rnd: int) -> None:
         """Refuse round ``rnd`` if, once run, the total ε(δ) could exceed the budget."""
@@ -234,7 +272,7 @@ class PrivacyLedger:
 
     def released(self) -> dict[str, float]:
         return {f"released/{m.name.split('/')[-1]}": m.released for m in self.mechanisms
-                if isinstance(m, ParticipationCounter) and m.released is not None}
+                if isinstance(m, (ParticipationCounter, LabelHistogramCounter)) and m.released is not None}
 
     def state_dict(self) -> dict[str, Any]:
         return {m.name: m.state_dict() for m in self.mechanisms}

@@ -318,7 +318,7 @@ class FedSimStrategy(Strategy):
 
 def _weighted_metrics(ms: list[dict[str, Any]]) -> dict[str, float]:
     """Example-weighted mean of numeric client metrics (ids and counts excluded)."""
-    skip = {"partition-id", "num-examples"}
+    skip = {"partition-id", "num-examples", "label-counts"}
     weights = [float(m.get("num-examples", 1)) for m in ms]
     total = sum(weights) or 1.0
     out: dict[str, float] = {}

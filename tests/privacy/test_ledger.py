@@ -63,4 +63,7 @@ def test_participation_counter_is_released(tmp_path):
     released = [r["released/participation"] for r in rows]
     np.testing.assert_allclose(released, running, atol=0.1)
     mechs = {r["mechanism"] for r in read_jsonl(tmp_path / "privacy.jsonl")}
-    assert mechs == {"dp-fedavg", "counter/participation", "total"}
+    assert mechs == {"dp-fedavg", "counter/participation", "counter/label_histogram", "total"}
+    hist = rows[-1]["released/label_histogram"]
+    assert len(hist) == 10 and sum(hist) == pytest.approx(sum(r["num-examples"] for r in rows), abs=1.0)
+    assert all("label-counts" not in c for c in read_jsonl(tmp_path / "clients.jsonl"))
