@@ -39,9 +39,10 @@ import numpy as np
 from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
-from scipy import integrate, optimize
 
 from fedsim.errors import ConfigError, PrivacyBudgetExceeded
+from fedsim.privacy.analysis import (_log_a_fractional, bun_steinke_epsilon, gaussian_epsilon_exact,
+                                     zcdp_to_epsilon)
 from fedsim.registry import Registry
 
 __all__ = [
@@ -168,53 +169,6 @@ def event_from_dict(data: dict[str, Any]) -> Event:
 
 
 # ------------------------------------------------------------------------------------------- math
-def bun_steinke_epsilon(rho: float, delta: float) -> float:
-    """ε = ρ + 2·sqrt(ρ·ln(1/δ)) for ρ-zCDP (Bun & Steinke 2016, Prop. 1.3); looser than CKS."""
-    return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
-
-
-def _cks_objective(alpha: float, rho: float, delta: float) -> float:
-    # RDP ε(α) = αρ, converted with ln((α−1)/α) − (ln δ + ln α)/(α−1)  (CKS 2020, Prop. 12).
-    return alpha * rho + math.log1p(-1.0 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1.0)
-
-
-def zcdp_to_epsilon(rho: float, delta: float) -> float:
-    """Tight ρ-zCDP → (ε, δ) conversion, minimised over a continuous Rényi order α > 1.
-
-    Uses ε = min_α [αρ + ln((α−1)/α) − (ln δ + ln α)/(α−1)] (Canonne, Kamath, Steinke 2020,
-    Prop. 12; also Asoodeh et al. 2020). The value returned is the objective evaluated at the
-    minimiser found, i.e. at one valid α, so it is always a valid bound. It never exceeds
-    :func:`bun_steinke_epsilon`.
-
-    Examples
-    --------
-    >>> round(zcdp_to_epsilon(0.5, 1e-5), 4)
-    4.7284
-    """
-    if not 0 < delta < 1:
-        raise ConfigError("delta", f"must lie in (0, 1), got {delta}", "a typical δ is 1e-5 or 1/n^1.1")
-    if rho <= 0:
-        return 0.0
-    if math.isinf(rho):
-        return math.inf
-    # Search x = ln(α − 1); the Bun–Steinke optimum α = 1 + sqrt(ln(1/δ)/ρ) is a good centre.
-    centre = 0.5 * math.log(math.log(1.0 / delta) / rho)
-    res = optimize.minimize_scalar(lambda x: _cks_objective(1.0 + math.exp(x), rho, delta),
-                                   bounds=(centre - 12.0, centre + 12.0), method="bounded",
-                                   options={"xatol": 1e-10})
-    return max(0.0, min(float(res.fun), bun_steinke_epsilon(rho, delta)))
-
-
-def gaussian_epsilon_exact(mu: float, delta: float) -> float:
-    """Exact ε(δ) of one Gaussian mechanism with μ = Δ/σ (Balle & Wang 2018), via dp_accounting.
-
-    δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2).
-    """
-    if mu <= 0:
-        return 0.0
-    return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))
-
-
 @contextlib.contextmanager
 def _quiet_absl():
     """dp_accounting logs a warning for every fractional order whose series fails to converge (it then
@@ -369,37 +323,6 @@ def _sample_rate(event: Event) -> float:
 
 
 ACCOUNTANTS: Registry[type[Accountant]] = Registry("accountant")
-
-
-def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """log A_α of the Poisson-subsampled Gaussian, for many orders, by adaptive quadrature.
-
-    A_α = E_{x~N(0,σ²)}[((1 − q) + q·exp((2x − 1)/(2σ²)))^α] (Mironov, Talwar, Zhang 2019, §3);
-    the RDP at order α is log(A_α)/(α − 1). Writing the integrand as exp(g_α(x)), g_α(x) ≤ g_α(0) −
-    x²/(2σ²) for x < 0 and g_α(x) ≤ g_α(α) − (x − α)²/(2σ²) for x > α, so [−σ√120, α + σ√120] holds
-    all but e^(−60) of the mass. Each order is scaled by its maximum (found on a grid) before
-    ``scipy.integrate.quad_vec`` integrates all orders at once.
-    """
-    s2 = sigma * sigma
-    log_q, log_1mq = math.log(q), math.log1p(-q)
-    alphas = np.asarray(alphas, dtype=np.float64)
-    top_alpha = float(alphas.max())
-
-    def log_g(x: np.ndarray) -> np.ndarray:  # shape (orders, len(x))
-        x = np.atleast_1d(np.asarray(x, dtype=np.float64))
-        return -(x[None, :] ** 2) / (2.0 * s2) + alphas[:, None] * np.logaddexp(
-            log_1mq, log_q + (2.0 * x[None, :] - 1.0) / (2.0 * s2))
-
-    top = log_g(np.linspace(-1.0, top_alpha + 1.0, 2001)).max(axis=1)
-    reach = sigma * math.sqrt(120.0)
-    # The mixture weight switches from 1 − q to q·e^(...) around z0 = σ² ln(1/q − 1) + 1/2, over a
-    # width of about σ²: break there too, which matters when σ is small.
-    z0 = s2 * (log_1mq - log_q) + 0.5
-    breaks = sorted({*np.linspace(0.0, top_alpha, 12), *(z0 + s2 * np.arange(-8.0, 9.0))})
-    breaks = [b for b in breaks if -reach < b < top_alpha + reach]
-    value, _ = integrate.quad_vec(lambda x: np.exp(log_g(x)[:, 0] - top), -reach, top_alpha + reach,
-                                  epsrel=1e-12, points=breaks, limit=2000)
-    return top + np.log(value) - 0.5 * math.log(2.0 * math.pi * s2)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,0 +1,365 @@
+"""Vectorised ``fit``: many clients' local SGD steps in one ``torch.func`` call (DESIGN.md §5).
+
+The per-message path runs the plain ``fit`` task once per client: decode the arrays, reload the
+model, build an optimizer, loop over mini-batches, encode the reply. For many small clients that
+fixed cost dominates the compute. :class:`BatchedFit` instead takes every eligible ``train``
+message of one push, stacks the clients' parameters along a leading client dimension and runs
+all their local steps together: ``torch.func.functional_call`` + ``torch.vmap`` over the stacked
+parameters (per-client gradients via ``torch.func.grad_and_value``), with per-client SGD momentum
+buffers, then builds per-client replies with the same content as ``fit``.
+
+What is reproduced per client, exactly as :func:`fedsim.clients.trainer.train_local` does it:
+
+* the sample order: the same ``torch.Generator`` (``torch_generator(seed, "train", round, pid)``)
+  and the same ``torch.randperm(n)`` draw per epoch;
+* the batches: ``order[s:s + batch_size]``, so a short last batch per epoch; ``epochs`` and the
+  ``max_steps`` cap give each client its own number of steps ``min(epochs·⌈n/bs⌉, max_steps)``;
+* the loss: mean cross-entropy over the batch's *real* samples (short batches are padded and
+  masked); clients that have finished are sliced out of later steps (clients are sorted by step
+  count), so their parameters and momentum are untouched;
+* SGD (``torch.optim.SGD`` semantics: weight decay added to the gradient, momentum buffer
+  ``b ← m·b + g`` starting from the first gradient, ``p ← p − lr·b``);
+* the reply: ``arrays`` (the full state dict as NumPy arrays) and ``metrics`` with
+  ``partition-id``, ``num-examples``, ``steps``, ``sim-time``, ``train_loss``, ``train_accuracy``
+  accumulated in float32 per batch as the loop does (and ``label-counts`` for private runs with
+  ``privacy.release_counters``, as ``fit`` adds them). ``tests/clients/test_batched.py`` compares
+  the reply keys with ``fit``'s, so a change to ``fit``'s reply must be mirrored here.
+
+Numerical differences (why ``run.vectorize`` is off by default): the batched kernels (``bmm``
+instead of ``mm``, grouped convolutions, a masked sum instead of ``mean``) round differently, so
+parameters agree with the per-client path to float32 rounding (≈1e-7 relative per step, measured
+≤1e-6 absolute after a round in the tests), not bit for bit; ``train_accuracy`` can differ when
+two logits tie to within rounding.
+
+Eligibility (anything else goes through the normal per-message path, client by client): message
+type ``train`` (the plain ``fit`` task) carrying ``arrays``; no client plugins (neither
+``client.plugins`` nor the strategy's ``client_plugins``); ``client.optimizer = "sgd"``; no
+DP-SGD; a model without buffers, BatchNorm/InstanceNorm or Dropout; no fault that touches the
+client this round (crash, dropout, Byzantine); received arrays that match the model's parameters;
+client data with the common sample shape. By default (``when="faster"``) convolutional models
+are left to the per-message path on CPU, where their vectorised form is slower (:func:`cost_reason`).
+A failure of the vectorised call itself (e.g. an
+operator ``vmap`` cannot batch) sends its clients back to the per-message path, which then
+reports any real error per client.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from torch import nn
+
+from fedsim.clients.client_app import CLIENT_TASKS, ClientCall, _arr, fit
+from fedsim.clients.runtime import ClientRuntime, runtime_for
+from fedsim.config import Scenario
+from fedsim.errors import ClientFailure
+
+#: memory the stacked parameters, momentum, gradients and gathered batches of one chunk may use
+CHUNK_BYTES = 256 * 2**20
+#: most clients in one vectorised call
+MAX_CHUNK = 256
+
+_STATEFUL = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
+def model_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be trained vectorised (``None`` if it can)."""
+    for name, m in model.named_modules():
+        if isinstance(m, _STATEFUL):
+            return f"module '{name}' is {type(m).__name__} (running statistics or randomness)"
+    if any(True for _ in model.buffers()):
+        return "the model has buffers"
+    if not all(p.dtype.is_floating_point for p in model.parameters()):
+        return "the model has non-floating-point parameters"
+    return None
+
+
+_CONV = (nn.modules.conv._ConvNd,)
+
+
+def cost_reason(model: nn.Module, device: torch.device) -> str | None:
+    """Why vectorising ``model`` would not pay off on ``device`` (``None`` if it does).
+
+    Under ``vmap`` a convolution with per-client weights becomes a grouped convolution, which
+    CPU kernels run slower than the clients' separate convolutions (measured ≈1.1-1.5× the compute
+    of the per-client loop on the few-CNN benchmark, more than the per-client overhead saved), so
+    convolutional models are vectorised on accelerators only.
+    """
+    if device.type == "cpu" and any(isinstance(m, _CONV) for m in model.modules()):
+        return "convolutions under vmap (grouped convolutions) are slower than per-client calls on CPU"
+    return None
+
+
+def scenario_reason(scenario: Scenario, model: nn.Module) -> str | None:
+    """Why no client of ``scenario`` can use the vectorised path (``None`` if they can)."""
+    from fedsim.strategies.base import STRATEGIES
+
+    c = scenario.client
+    if c.plugins:
+        return f"client plugins {list(c.plugins)} are enabled"
+    needed = STRATEGIES.get(scenario.strategy.name, key="strategy.name").client_plugins
+    if needed:
+        return f"strategy '{scenario.strategy.name}' enables client plugins {list(needed)}"
+    if c.optimizer != "sgd":
+        return f"client.optimizer is '{c.optimizer}' (only sgd is vectorised)"
+    if scenario.privacy.mechanism == "dp-sgd":
+        return "DP-SGD clips per example in the local loop"
+    if CLIENT_TASKS.get("fit") is not fit:
+        return "the 'fit' client task was replaced"
+    return model_reason(model)
+
+
+def message_eligible(call: ClientCall) -> bool:
+    """Whether this message can join a vectorised call: plain ``train`` and no fault this round."""
+    if call.msg.metadata.message_type != "train" or "arrays" not in call.msg.content.array_records:
+        return False
+    f = call.scenario.faults
+    if f.attack != "none" and call.partition_id in f.byzantine_clients:
+        return False
+    try:
+        call.apply_faults()  # crash / dropout: the per-message path raises them (same draws)
+    except ClientFailure:
+        return False
+    return True
+
+
+@dataclass
+class _Client:
+    call: ClientCall
+    x: torch.Tensor
+    y: torch.Tensor
+    init: dict[str, torch.Tensor]
+    steps: int
+
+
+class BatchedFit:
+    """Runs the eligible ``train`` messages of one push as vectorised calls (see the module doc)."""
+
+    def __init__(self, scenario: Scenario, *, chunk_bytes: int = CHUNK_BYTES, max_chunk: int = MAX_CHUNK,
+                 when: str = "faster") -> None:
+        """``when="faster"`` skips models that :func:`cost_reason` says would run slower;
+        ``when="eligible"`` vectorises every eligible client (tests, accelerator studies)."""
+        if when not in ("faster", "eligible"):
+            raise ValueError(f"when must be 'faster' or 'eligible', got {when!r}")
+        self.scenario = scenario
+        self.chunk_bytes = chunk_bytes
+        self.max_chunk = max_chunk
+        self.when = when
+        self._reason: str | None | bool = False  # False = not computed yet
+        self._plugins_checked = False
+        self._warned = False
+        self.calls = 0  # vectorised calls made (for tests and benchmarks)
+        self.clients = 0  # clients trained by them
+
+    @property
+    def runtime(self) -> ClientRuntime:
+        return runtime_for(self.scenario)
+
+    def reason(self) -> str | None:
+        """Why the scenario cannot use the vectorised path at all (``None`` if it can)."""
+        if self._reason is False:
+            rt = self.runtime
+            self._reason = scenario_reason(self.scenario, rt.model)
+            if self._reason is None and self.when == "faster":
+                self._reason = cost_reason(rt.model, rt.device)
+        return self._reason  # type: ignore[return-value]
+
+    def run(self, items: list[tuple[Message, Context]]) -> list[RecordDict | None]:
+        """Reply contents for ``items`` (``None`` = not handled here: use the per-message path)."""
+        out: list[RecordDict | None] = [None] * len(items)
+        if not items or self.reason() is not None:
+            return out
+        runtime = self.runtime
+        clients: list[tuple[int, _Client]] = []
+        decoded: dict[int, dict[str, torch.Tensor] | None] = {}
+        for i, (msg, ctx) in enumerate(items):
+            if msg.metadata.message_type != "train":
+                continue
+            call = ClientCall(runtime, msg, ctx)
+            if not self._plugins_checked:  # once: the plugin stack the per-message path would build
+                self._plugins_checked = True
+                stack = call.plugins()
+                if len(stack):
+                    self._reason = f"the client loop gets plugins {[p.name for p in stack.plugins]}"
+            if self._reason is not None:
+                return out
+            if not message_eligible(call):
+                continue
+            arrays = msg.content.array_records["arrays"]
+            if id(arrays) not in decoded:
+                decoded[id(arrays)] = self._params_of(arrays)
+            init = decoded[id(arrays)]
+            if init is None:
+                continue
+            try:
+                x, y = call.data()
+            except Exception:  # noqa: BLE001 - the per-message path reports it as this client's error
+                continue
+            clients.append((i, _Client(call, x, y, init, self._num_steps(int(x.shape[0])))))
+        if not clients:
+            return out
+        shape = tuple(clients[0][1].x.shape[1:])
+        clients = [(i, c) for i, c in clients
+                   if tuple(c.x.shape[1:]) == shape and c.y.dim() == 1 and c.y.shape[0] == c.x.shape[0]
+                   and c.x.dtype == clients[0][1].x.dtype]
+        # longest first: at step t the clients still training are a prefix of the chunk
+        clients.sort(key=lambda ic: -ic[1].steps)
+        for chunk in self._chunks(clients):
+            try:
+                replies = self._train_chunk([c for _, c in chunk])
+            except Exception as exc:  # noqa: BLE001 - fall back; a real client error shows up there
+                if not self._warned:
+                    warnings.warn(f"vectorised fit failed ({type(exc).__name__}: {exc}); "
+                                  "these clients run one by one", RuntimeWarning, stacklevel=2)
+                    self._warned = True
+                continue
+            self.calls += 1
+            self.clients += len(chunk)
+            for (i, _), content in zip(chunk, replies):
+                out[i] = content
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _params_of(self, arrays: ArrayRecord) -> dict[str, torch.Tensor] | None:
+        """The received tensors if they match the model's parameters exactly (else ``None``)."""
+        runtime = self.runtime
+        try:
+            tensors = runtime.decoded(arrays)
+        except Exception:  # noqa: BLE001 - the per-message path reports a bad record
+            return None
+        params = dict(runtime.model.named_parameters())
+        if len(tensors) != len(params) or set(tensors) != set(params):  # (the model has no buffers)
+            return None
+        out = {}
+        for k, p in params.items():
+            t = tensors[k]
+            if tuple(t.shape) != tuple(p.shape) or not (t.dtype.is_floating_point or t.dtype == p.dtype):
+                return None
+            out[k] = t.to(device=p.device, dtype=p.dtype)
+        return out
+
+    def _num_steps(self, n: int) -> int:
+        c = self.scenario.client
+        steps = c.epochs * math.ceil(n / c.batch_size)
+        return min(steps, c.max_steps) if c.max_steps else steps
+
+    def _chunks(self, clients: list) -> list[list]:
+        if not clients:
+            return []
+        bs = self.scenario.client.batch_size
+        n_params = sum(p.numel() for p in self.runtime.model.parameters())
+        feat = math.prod(clients[0][1].x.shape[1:])
+        per_client = 4 * (5 * n_params + (clients[0][1].steps + 1) * bs * (feat + 2))
+        size = max(1, min(self.max_chunk, self.chunk_bytes // max(per_client, 1)))
+        return [clients[s:s + size] for s in range(0, len(clients), size)]
+
+    def _orders(self, clients: list[_Client]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global sample indices ``[T, B, C]`` (padding → 0) and the mask of real samples."""
+        c = self.scenario.client
+        bs = c.batch_size
+        big_t = max((cl.steps for cl in clients), default=0)
+        # no batch is wider than the largest client: pad to that, not to a large batch_size
+        width = min(bs, max((int(cl.x.shape[0]) for cl in clients), default=1))
+        idx = torch.zeros((len(clients), big_t, width), dtype=torch.long)
+        real = torch.zeros((len(clients), big_t, width), dtype=torch.bool)
+        offset = 0
+        for j, cl in enumerate(clients):
+            n = int(cl.x.shape[0])
+            if cl.steps:
+                per_epoch = math.ceil(n / bs)
+                rng = cl.call.rng("train")
+                parts = []
+                for _ in range(math.ceil(cl.steps / per_epoch)):
+                    o = torch.full((per_epoch * bs,), -1, dtype=torch.long)
+                    o[:n] = torch.randperm(n, generator=rng)
+                    parts.append(o.view(per_epoch, bs))
+                o = torch.cat(parts)[:cl.steps, :width]  # (positions ≥ width are padding)
+                ok = o >= 0
+                idx[j, :cl.steps] = torch.where(ok, o + offset, 0)
+                real[j, :cl.steps] = ok
+            offset += n
+        # [T, B, C]: a step's batch is gathered sample-major, so vmap's grouped convolutions see
+        # contiguous ``[B, C·channels, H, W]`` inputs
+        return idx.permute(1, 2, 0).contiguous(), real.permute(1, 2, 0).contiguous()
+
+    def _train_chunk(self, clients: list[_Client]) -> list[RecordDict]:
+        runtime = self.runtime
+        model = runtime.model
+        cfg = self.scenario.client
+        device = clients[0].x.device
+        names = [k for k, _ in model.named_parameters()]
+        num = len(clients)
+        params = [torch.stack([cl.init[k] for cl in clients]).to(device) for k in names]
+        bufs = [torch.zeros_like(p) for p in params] if cfg.momentum else []
+        x_all = torch.cat([cl.x for cl in clients])
+        y_all = torch.cat([cl.y for cl in clients])
+        idx, real = self._orders(clients)
+        idx, real = idx.to(device), real.to(device)
+        steps = torch.tensor([cl.steps for cl in clients])
+        active = [int((steps > t).sum()) for t in range(idx.shape[0])]  # a prefix (sorted by steps)
+        loss_sum = torch.zeros(num, device=device)
+        correct = torch.zeros(num, device=device, dtype=torch.long)
+        seen = [0] * num
+
+        def client_loss(p: tuple[torch.Tensor, ...], x, y, m, cnt):
+            out = torch.func.functional_call(model, dict(zip(names, p)), (x,))
+            ce = nn.functional.cross_entropy(out, y, reduction="none")
+            loss = (ce * m).sum() / cnt
+            return loss, out
+
+        step_fn = torch.vmap(torch.func.grad_and_value(client_loss, has_aux=True), in_dims=(0, 1, 1, 1, 0))
+        lr, mom, wd = cfg.lr, cfg.momentum, cfg.weight_decay
+        was_training = model.training
+        model.train()
+        try:
+            for t, k in enumerate(active):
+                if k == 0:
+                    break
+                rows = idx[t, :, :k]
+                mask = real[t, :, :k]
+                xb, yb = x_all[rows], y_all[rows]
+                cnt = mask.sum(0)
+                mf = mask.to(x_all.dtype)
+                cf = cnt.to(x_all.dtype)
+                ps = [p[:k] for p in params]
+                grads, (loss, out) = step_fn(tuple(ps), xb, yb, mf, cf)
+                grads = list(grads)
+                if wd:
+                    grads = torch._foreach_add(grads, ps, alpha=wd)
+                if mom:
+                    bs_ = [b[:k] for b in bufs]
+                    torch._foreach_mul_(bs_, mom)
+                    torch._foreach_add_(bs_, grads)
+                    grads = bs_
+                torch._foreach_add_(ps, grads, alpha=-lr)
+                with torch.no_grad():
+                    loss_sum[:k] += loss.detach() * cf
+                    correct[:k] += ((out.argmax(-1) == yb.t()) & mask.t()).sum(1)
+                for j, c in enumerate(cnt.tolist()):
+                    seen[j] += int(c)
+        finally:
+            model.train(was_training)
+        cpu = [p.detach().cpu() for p in params]
+        losses, rights = loss_sum.cpu().tolist(), correct.cpu().tolist()
+        keys = list(model.state_dict())
+        priv = self.scenario.privacy
+        label_counts = priv.mechanism != "none" and priv.release_counters
+        replies = []
+        for j, cl in enumerate(clients):
+            arrays = ArrayRecord({k: _arr(cpu[names.index(k)][j].numpy()) for k in keys})
+            s = max(seen[j], 1)
+            metrics = cl.call.reply_metrics(**{"num-examples": int(cl.x.shape[0]), "steps": cl.steps,
+                                               "sim-time": cl.call.simulated_time(cl.steps)},
+                                            train_loss=losses[j] / s, train_accuracy=float(rights[j]) / s)
+            if label_counts:  # as ``fit``: for the server's DP label-histogram counter only
+                metrics["label-counts"] = [int(v) for v in
+                                           torch.bincount(cl.y, minlength=runtime.num_classes).tolist()]
+            replies.append(RecordDict({"arrays": arrays, "metrics": metrics}))
+        return replies
+
+
+__all__ = ["BatchedFit", "cost_reason", "message_eligible", "model_reason", "scenario_reason"]
