@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 
 $(VENV)/.stamp-install: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-compile $(TORCH)
+	$(PY) -m pip install -q --no-compile -e .
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-install
