@@ -87,8 +87,14 @@ def plot_privacy_utility(run_dirs: list[str | Path], out: str | Path) -> Path:
             pts.setdefault(mech, []).append((eps, acc))
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for mech, xy in sorted(pts.items()):
-        xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ls=":", label=mech)
+        groups: dict[float, list[float]] = {}
+        for x, y in xy:  # runs that differ only by seed share ε (up to participation): average them
+            groups.setdefault(round(x, 1), []).append(y)
+        xs = sorted(groups)
+        means = [sum(groups[x]) / len(groups[x]) for x in xs]
+        errs = [(max(groups[x]) - min(groups[x])) / 2 for x in xs]
+        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=mech)
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=8, alpha=0.4, color=ax.lines[-1].get_color())
     ax.set_xlabel("ε (total, at the run's δ)")
     ax.set_ylabel("final test accuracy")
     ax.grid(alpha=0.3)
