@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.config import Scenario
-from fedsim.errors import AggregationError, ClientUpdateError, QuorumError
+from fedsim.errors import AggregationError, ClientUpdateError, ConfigError, QuorumError
 from fedsim.options import build_options
 from fedsim.registry import Registry
 from fedsim.rng import numpy_rng
@@ -314,6 +314,24 @@ class FedSimStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class ServerStepOptions:
+    """Options of strategies that apply the aggregate with a server step size."""
+
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.server_lr <= 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
+
+
+def require_mechanism(scenario: Scenario, strategy: str, mechanism: str) -> None:
+    """A private strategy needs the matching ``[privacy] mechanism`` (its noise and accounting)."""
+    if scenario.privacy.mechanism != mechanism:
+        raise ConfigError("privacy.mechanism", f"strategy {strategy} needs privacy.mechanism = \"{mechanism}\"",
+                          f"set [privacy] mechanism = \"{mechanism}\" with a noise_multiplier")
 
 
 def _weighted_metrics(ms: list[dict[str, Any]]) -> dict[str, float]:

@@ -16,15 +16,13 @@ a fixed-size sample without replacement (accounted with replace-one neighbours).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from fedsim.errors import ConfigError
 from fedsim.privacy.clipping import (adaptive_noise_multiplier, dp_fedavg_aggregate, per_layer_bounds,
                                      update_clip_norm)
 from fedsim.rng import numpy_rng
-from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
+from fedsim.strategies.base import (ClientUpdate, FedSimStrategy, ServerStepOptions, register_strategy,
+                                    require_mechanism)
 
 
 def noise_rng(scenario, purpose: str, server_round: int) -> np.random.Generator:
@@ -40,21 +38,12 @@ class DPFedAvg(FedSimStrategy):
     tiny_overrides = ('privacy.mechanism="dp-fedavg"', "privacy.noise_multiplier=0.5",
                       "strategy.fraction_train=0.5")
 
-    @dataclass(frozen=True)
-    class Options:
-        server_lr: float = 1.0
-
-        def __post_init__(self) -> None:
-            if self.server_lr <= 0:
-                raise ValueError("server_lr must be > 0")
+    Options = ServerStepOptions
 
     def __init__(self, scenario, options=None) -> None:
         super().__init__(scenario, options)
-        p = scenario.privacy
-        if p.mechanism != "dp-fedavg":
-            raise ConfigError("privacy.mechanism", "strategy dp_fedavg needs privacy.mechanism = \"dp-fedavg\"",
-                              "set [privacy] mechanism = \"dp-fedavg\" with a noise_multiplier")
-        self.p = p
+        require_mechanism(scenario, self.name, "dp-fedavg")
+        p = self.p = scenario.privacy
         self.clip_norm = p.clip_norm
         self.expected_m = max(1, round(self.fraction_train * self.num_partitions)) \
             if p.client_sampling == "poisson" else None

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.errors import ConfigError
 from fedsim.privacy.clipping import clip_flat
 from fedsim.privacy.dp_ftrl import DPFTRLNoise
 from fedsim.rng import derive_seed, numpy_rng
-from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
+from fedsim.strategies.base import (ClientUpdate, FedSimStrategy, ServerStepOptions, register_strategy,
+                                    require_mechanism)
 
 
 @register_strategy
@@ -31,21 +31,13 @@ class DPFTRL(FedSimStrategy):
                       "strategy.fraction_train=0.5")
 
     @dataclass(frozen=True)
-    class Options:
-        server_lr: float = 1.0
+    class Options(ServerStepOptions):
         efficient: bool = False  # Honaker's variance-reduced tree estimates
-
-        def __post_init__(self) -> None:
-            if self.server_lr <= 0:
-                raise ValueError("server_lr must be > 0")
 
     def __init__(self, scenario, options=None) -> None:
         super().__init__(scenario, options)
-        p = scenario.privacy
-        if p.mechanism != "dp-ftrl":
-            raise ConfigError("privacy.mechanism", "strategy dp_ftrl needs privacy.mechanism = \"dp-ftrl\"",
-                              "set [privacy] mechanism = \"dp-ftrl\" with a noise_multiplier")
-        self.p = p
+        require_mechanism(scenario, self.name, "dp-ftrl")
+        p = self.p = scenario.privacy
         self.m = max(self.min_train_clients, int(math.floor(self.fraction_train * self.num_partitions)))
         self.m = min(self.m, self.num_partitions)
         self.rounds_per_epoch = self.num_partitions // self.m

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsim.strategies.aggregation import weighted_mean
-from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
+from fedsim.strategies.base import ClientUpdate, FedSimStrategy, ServerStepOptions, register_strategy
 
 
 @register_strategy
@@ -20,13 +20,8 @@ class FedAvg(FedSimStrategy):
     name = "fedavg"
 
     @dataclass(frozen=True)
-    class Options:
-        server_lr: float = 1.0
+    class Options(ServerStepOptions):
         weighted: bool = True
-
-        def __post_init__(self) -> None:
-            if self.server_lr <= 0:
-                raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         weights = [u.num_examples if self.options.weighted else 1.0 for u in updates]

@@ -63,12 +63,12 @@ def test_missing_file(tmp_path):
         load_scenario(tmp_path / "nope.toml")
 
 
-def test_impossible_partition_is_typed():
+def test_impossible_partition_is_typed(tmp_path):
     s = tiny(data={"num_clients": 5000})
     from fedsim.engines.local import run_local
 
     with pytest.raises((DataError, ConfigError)) as ei:
-        run_local(s, "/tmp/should-not-matter")
+        run_local(s, tmp_path / "run")
     assert "data.num_clients" in str(ei.value) and "5000" in str(ei.value), str(ei.value)
 
 

@@ -34,11 +34,11 @@ def test_confident_clients_train_and_change_the_model(tmp_path):
     assert any(not np.allclose(x, y) for x, y in zip(_model(tmp_path / "a"), _model(tmp_path / "b")))
 
 
-def test_needs_server_labels():
+def test_needs_server_labels(tmp_path):
     from fedsim.errors import ConfigError
 
     with pytest.raises(ConfigError, match="server_labelled"):
-        run_local(tiny(['strategy.name="semifl"']), "/tmp/unused")
+        run_local(tiny(['strategy.name="semifl"']), tmp_path / "run")
 
 
 def test_static_bn_is_mean_of_batch_moments():
