@@ -12,6 +12,7 @@ Every reply echoes ``partition-id`` so the server can attribute results and fail
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,11 @@ class ClientCall:
     def apply_faults(self) -> None:
         f = self.scenario.faults
         if self.partition_id in f.crash_clients and (not f.crash_rounds or self.round in f.crash_rounds):
+            if f.crash_mode == "exit":
+                if self.scenario.run.engine == "deploy":
+                    os._exit(1)  # the ClientApp process dies as if killed: no reply, no traceback
+                if self.scenario.run.engine == "local":
+                    raise SystemExit(1)  # the local grid treats the node as dead
             raise InjectedCrash(f"client {self.partition_id}: injected crash in round {self.round}")
         if f.dropout > 0 and numpy_rng(self.scenario.run.seed, "dropout", self.round, self.partition_id).random() < f.dropout:
             raise ClientDropout(f"client {self.partition_id}: dropped out of round {self.round}")

@@ -141,6 +141,9 @@ class FaultsConfig(_Section):
     straggler_slowdown: float = Field(5.0, ge=1.0)
     crash_clients: list[int] = Field(default_factory=list, description="clients whose ClientApp raises")
     crash_rounds: list[int] = Field(default_factory=list, description="rounds they raise in (empty = all)")
+    crash_mode: Literal["raise", "exit"] = Field(
+        "raise", description="raise: the ClientApp raises; exit: its process dies abruptly (os._exit on the "
+        "deployment engine, a dead node on the local engine)")
     byzantine_clients: list[int] = Field(default_factory=list)
     attack: Literal["none", "sign_flip", "gaussian", "ipm", "alie", "nan"] = "none"
 

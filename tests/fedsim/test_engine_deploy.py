@@ -110,3 +110,16 @@ def test_failed_serverapp_raises_engine_error(tmp_path, monkeypatch):
     assert (out / "deploy-logs" / "superlink.log").exists()
     assert len(scratch) == 1
     _assert_clean(scratch[0])
+
+
+def test_a_client_process_that_dies_does_not_stop_the_run(tmp_path):
+    """Client 1's ClientApp process exits abruptly (os._exit) in round 1: the round completes with
+    client 0 and the failure is recorded with the client id."""
+    out = tmp_path / "run"
+    s = _scenario(faults={"crash_clients": [1], "crash_mode": "exit"}, run={"quorum": 0.5})
+    summary = run_deploy(s, out, nodes=2)
+    assert summary["status"] == "completed"
+    clients = {c["client"]: c for c in read_jsonl(out / "clients.jsonl")}
+    assert clients[0]["status"] == "ok"
+    assert clients[1]["status"] in ("error", "timeout") and clients[1]["reason"]
+    _assert_clean(summary["deploy"]["scratch_dir"])

@@ -92,3 +92,13 @@ def test_checkpoint_holds_final_model(tmp_path):
     run_local(tiny(), tmp_path)
     ck = load_checkpoint(tmp_path / "checkpoints" / "round_0002.npz")
     assert ck["meta"]["round"] == 2 and all(np.isfinite(a).all() for a in ck["model"])
+
+
+def test_crash_mode_exit_is_a_dead_node(tmp_path):
+    s = tiny(["faults.crash_clients=[3]", 'faults.crash_mode="exit"', "faults.crash_rounds=[1]",
+              "run.round_timeout=1"])
+    summary = run_local(s, tmp_path)
+    assert summary["status"] == "completed"
+    bad = [c for c in read_jsonl(tmp_path / "clients.jsonl") if c["status"] != "ok"]
+    assert bad and all(c["client"] == 3 for c in bad) and bad[0]["status"] == "timeout"
+    assert all(c["client"] != 3 for c in read_jsonl(tmp_path / "clients.jsonl") if c["round"] == 2)
