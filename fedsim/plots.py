@@ -33,22 +33,29 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if key == "test_loss":
             ax.plot(*_series(rows, "train_loss"), marker=".", ms=3, label="train loss (clients)")
         ax.set_xlabel("round")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label.replace("test loss", "loss"))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         files.append(out / fname)
-    ok = Counter(c["round"] for c in clients if c.get("status") == "ok")
-    bad = Counter(c["round"] for c in clients if c.get("status") != "ok" and c.get("client") is not None)
-    rounds = sorted(set(ok) | set(bad))
+    groups = (("replied", {"ok"}), ("sat out / straggler", {"sat-out", "straggler"}),
+              ("failed", {"error", "timeout", "invalid"}))
+    counts = {label: Counter(c["round"] for c in clients if c.get("status") in kinds and c.get("client") is not None)
+              for label, kinds in groups}
+    rounds = sorted(set().union(*counts.values()))
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(rounds, [ok[r] for r in rounds], label="replied")
-    ax.bar(rounds, [bad[r] for r in rounds], bottom=[ok[r] for r in rounds], label="failed")
+    bottom = [0] * len(rounds)
+    for label, _ in groups:
+        vals = [counts[label][r] for r in rounds]
+        if any(vals):
+            ax.bar(rounds, vals, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_xlabel("round")
     ax.set_ylabel("clients")
-    ax.legend()
+    ax.set_ylim(0, max(bottom + [1]) * 1.3)
+    ax.legend(loc="upper right", fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(out / "participation.png", dpi=110)
     plt.close(fig)
