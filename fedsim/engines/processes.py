@@ -1,0 +1,362 @@
+"""Processes of a local Flower federation: free ports, environments, TLS test certificates, and a
+SuperLink with N SuperNodes on 127.0.0.1 that are always stopped (used by :mod:`fedsim.engines.deploy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsim.errors import EngineError
+
+LOOPBACK = "127.0.0.1"
+CONNECTION = "fedsim"
+ACTIVATED = re.compile(r"ActivateNode\]?\s*Activated node_id", re.IGNORECASE)
+GRACE_S = 10.0  # seconds between SIGTERM and SIGKILL at teardown
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "ftp_proxy")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers: ports, environment, executables, certificates
+# ------------------------------------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (all sockets held open until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def flower_bin(name: str) -> str:
+    """The path of a Flower executable, preferring the running interpreter's environment."""
+    here = Path(sys.executable).parent
+    cand = here / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise EngineError(f"'{name}' was not found next to {sys.executable} or on PATH",
+                          "install Flower 1.39 in this environment: pip install 'flwr[simulation]==1.39.0'")
+    return found
+
+
+def child_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process: own FLWR_HOME, telemetry off, no proxies, venv first."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+        # superexec, flwr-serverapp and flwr-clientapp are found on PATH: use this environment's
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    })
+    return env
+
+
+@dataclass
+class Certificates:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_test_certificates(directory: str | Path, days: int = 2) -> Certificates:
+    """A throw-away CA and a server certificate for 127.0.0.1 (SAN ``IP:127.0.0.1``), via openssl.
+
+    For tests and loopback runs only; on real machines use certificates from your own CA with the
+    SuperLink's real address in the SAN.
+    """
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise EngineError("TLS needs the 'openssl' command, which is not on PATH",
+                          "install openssl, or set deploy.insecure = true for a loopback test")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert, ext = (d / n for n in ("ca.key", "ca.crt", "server.key", "server.csr",
+                                                        "server.pem", "san.ext"))
+    ext.write_text("subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n")
+    steps = [
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", str(days), "-subj", "/CN=fedsim-test-ca"],
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", str(days), "-extfile", ext],
+    ]
+    for cmd in steps:
+        res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise EngineError(f"openssl failed ({' '.join(str(c) for c in cmd[:3])}): {res.stderr.strip()[-400:]}",
+                              "check that openssl works: openssl version")
+    return Certificates(ca=ca.resolve(), cert=cert.resolve(), key=key.resolve())
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NOISE = ("[uvicorn.access]", "ControlServicer.ListRuns", "ControlServicer.StreamLogs")
+
+
+def _clean(text: str, lines: int) -> str:
+    """The last ``lines`` lines of a Flower log, without colour codes and HTTP access lines."""
+    keep = [ln.rstrip() for ln in _ANSI.sub("", text).splitlines()
+            if ln.strip() and not any(n in ln for n in _NOISE)]
+    return "\n".join(keep[-lines:])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return _clean(path.read_text(errors="replace"), lines)
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------------
+# the local federation: one SuperLink, N SuperNodes, all owned by this object
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    fh: Any
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1 in ``workdir``; use as a context manager.
+
+    ``node_config`` (optional) gives each node's extra ``--node-config`` entries, e.g.
+    ``{"data-path": "/data/node0.npz"}``; ``partition-id`` and ``num-partitions`` are always set.
+    """
+
+    nodes: int
+    workdir: Path
+    insecure: bool = True
+    startup_timeout: float = 120.0
+    node_config: list[dict[str, Any]] | None = None
+    procs: list[_Proc] = field(default_factory=list)
+    http_port: int = 0
+    fleet_port: int = 0
+    certs: Certificates | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- paths ----------------------------------------------------------------------------------
+    @property
+    def home(self) -> Path:
+        return self.workdir / "home"
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.logs / "superlink.log"
+
+    def env(self, home: Path | None = None) -> dict[str, str]:
+        return child_env(home or self.home)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> "LocalFederation":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.startup_timeout
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if not self.insecure:
+            self.certs = make_test_certificates(self.workdir / "certs")
+        ports = free_ports(2 + self.nodes)
+        self.http_port, self.fleet_port, node_ports = ports[0], ports[1], ports[2:]
+
+        link = [flower_bin("flower-superlink"), "--host", LOOPBACK, "--port", str(self.http_port),
+                "--fleet-api-type", "grpc-rere", "--fleet-api-address", f"{LOOPBACK}:{self.fleet_port}",
+                "--disable-runtime-dependency-installation"]
+        link += ["--insecure"] if self.certs is None else [
+            "--ssl-certfile", str(self.certs.cert), "--ssl-keyfile", str(self.certs.key),
+            "--ssl-ca-certfile", str(self.certs.ca)]
+        self._spawn("superlink", link, self.superlink_log, self.env())
+        self._wait_health(deadline)
+        self.timings["superlink_ready_s"] = round(time.monotonic() - t0, 2)
+
+        t1 = time.monotonic()
+        for i, port in enumerate(node_ports):
+            cfg = {"partition-id": i, "num-partitions": self.nodes, **(self.node_config[i] if self.node_config else {})}
+            node = [flower_bin("flower-supernode"), "--grpc-rere", "--superlink", f"{LOOPBACK}:{self.fleet_port}",
+                    "--host", LOOPBACK, "--port", str(port), "--node-config", _node_config(cfg)]
+            node += ["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs.ca)]
+            home = self.workdir / f"node{i}" / "home"
+            home.mkdir(parents=True, exist_ok=True)
+            self._spawn(f"supernode-{i}", node, self.logs / f"supernode-{i}.log", self.env(home))
+        self._wait_activated(deadline)
+        self.timings["nodes_ready_s"] = round(time.monotonic() - t1, 2)
+        self._write_connection()
+
+    def stop(self) -> None:
+        """SIGTERM the SuperNodes, then the SuperLink; SIGKILL every process group after the grace period."""
+        nodes = [p for p in self.procs if p.name != "superlink"]
+        links = [p for p in self.procs if p.name == "superlink"]
+        for group in (nodes, links):
+            for p in group:
+                if p.popen.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.popen.send_signal(signal.SIGTERM)
+            end = time.monotonic() + GRACE_S
+            for p in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.popen.wait(timeout=max(0.0, end - time.monotonic()))
+        for p in self.procs:  # the leader and anything it left behind in its session
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(timeout=5)
+            with contextlib.suppress(OSError):
+                p.fh.close()
+        self.procs = []
+        # The SuperLink starts its SuperExec in a session of its own (and that one starts
+        # flwr-serverapp), so a process-group kill cannot reach them: sweep by FLWR_HOME, which
+        # every process of this federation inherited and which is unique to this workdir.
+        for pid in leftover_processes(self.workdir):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    # -- the CLI --------------------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run ``flwr ARGS`` against this federation (own session, killed on timeout)."""
+        cmd = [flower_bin("flwr"), *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env(), cwd=self.workdir, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise EngineError(f"`flwr {' '.join(args[:2])}` did not finish within {timeout:.0f} s: {err[-400:]}",
+                              "the SuperLink may be overloaded or stuck; see its log") from None
+        finally:
+            if proc.poll() is None:  # pragma: no cover - interrupted
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], log: Path, env: dict[str, str]) -> None:
+        fh = open(log, "ab")
+        try:
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=self.workdir, start_new_session=True)
+        except OSError as err:
+            fh.close()
+            raise EngineError(f"could not start {name} ({cmd[0]}): {err}",
+                              "check the Flower installation: flower-superlink --version") from err
+        self.procs.append(_Proc(name, popen, log, fh))
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            rc = p.popen.poll()
+            if rc is not None:
+                raise EngineError(f"{p.name} exited with code {rc} during startup:\n{_tail(p.log, 20)}",
+                                  "see the log above; a port may be taken or a TLS file unreadable")
+
+    def _wait_health(self, deadline: float) -> None:
+        scheme = "http" if self.certs is None else "https"
+        url = f"{scheme}://{LOOPBACK}:{self.http_port}/health"
+        handlers: list[Any] = [urllib.request.ProxyHandler({})]  # never a proxy, even if one is set
+        if self.certs is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(self.certs.ca))))
+        opener = urllib.request.build_opener(*handlers)
+        while True:
+            self._check_alive()
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with opener.open(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise EngineError(f"the SuperLink did not answer {url} within {self.startup_timeout:.0f} s:\n"
+                                  f"{_tail(self.superlink_log)}", "raise deploy.startup_timeout or see the log")
+            time.sleep(0.2)
+
+    def _wait_activated(self, deadline: float) -> None:
+        while True:
+            self._check_alive()
+            text = self.superlink_log.read_text(errors="replace") if self.superlink_log.exists() else ""
+            n = len(ACTIVATED.findall(text))
+            if n >= self.nodes:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {p.name}\n{_tail(p.log, 8)}" for p in self.procs)
+                raise EngineError(f"only {n} of {self.nodes} SuperNodes connected within "
+                                  f"{self.startup_timeout:.0f} s:\n{tails}",
+                                  "raise deploy.startup_timeout, or check the SuperNode logs")
+            time.sleep(0.2)
+
+    def _write_connection(self) -> None:
+        import tomli_w
+
+        conn: dict[str, Any] = {"address": f"{LOOPBACK}:{self.http_port}"}
+        if self.certs is None:
+            conn["insecure"] = True
+        else:
+            conn["root-certificates"] = str(self.certs.ca)
+        (self.home / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+
+
+def leftover_processes(workdir: str | Path) -> list[int]:
+    """PIDs of live processes whose ``FLWR_HOME`` lies under ``workdir`` (Linux ``/proc``; else [])."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # pragma: no cover - non-Linux: SuperExec exits when its parent does
+        return []
+    home = f"FLWR_HOME={Path(workdir)}".encode()
+    me = os.getpid()
+    found = []
+    for d in proc.iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(v == home or v.startswith(home + b"/") for v in env.split(b"\0")):
+            found.append(int(d.name))
+    return sorted(found)
+
+
+def _node_config(cfg: dict[str, Any]) -> str:
+    parts = []
+    for k, v in cfg.items():
+        parts.append(f"{k}={json.dumps(v) if isinstance(v, str) else v}")
+    return " ".join(parts)
