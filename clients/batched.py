@@ -53,7 +53,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from torch import nn
 
-from fedsim.clients.client_app import CLIENT_TASKS, ClientCall, _arr, fit
+from fedsim.clients.client_app import CLIENT_TASKS, ClientCall, _arr, fit, fit_reply
 from fedsim.clients.runtime import ClientRuntime, runtime_for
 from fedsim.config import Scenario
 from fedsim.errors import ClientFailure
@@ -346,19 +346,12 @@ class BatchedFit:
         cpu = [p.detach().cpu() for p in params]
         losses, rights = loss_sum.cpu().tolist(), correct.cpu().tolist()
         keys = list(model.state_dict())
-        priv = self.scenario.privacy
-        label_counts = priv.mechanism != "none" and priv.release_counters
         replies = []
         for j, cl in enumerate(clients):
             arrays = ArrayRecord({k: _arr(cpu[names.index(k)][j].numpy()) for k in keys})
             s = max(seen[j], 1)
-            metrics = cl.call.reply_metrics(**{"num-examples": int(cl.x.shape[0]), "steps": cl.steps,
-                                               "sim-time": cl.call.simulated_time(cl.steps)},
-                                            train_loss=losses[j] / s, train_accuracy=float(rights[j]) / s)
-            if label_counts:  # as ``fit``: for the server's DP label-histogram counter only
-                metrics["label-counts"] = [int(v) for v in
-                                           torch.bincount(cl.y, minlength=runtime.num_classes).tolist()]
-            replies.append(RecordDict({"arrays": arrays, "metrics": metrics}))
+            replies.append(fit_reply(cl.call, arrays, cl.y, int(cl.x.shape[0]), cl.steps,
+                                     {"train_loss": losses[j] / s, "train_accuracy": float(rights[j]) / s}))
         return replies
 
 

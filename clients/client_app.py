@@ -179,16 +179,18 @@ def fit(call: ClientCall) -> RecordDict:
         progress=(call.round - 1) / rounds,
     )
     call.save_plugins(stack)
-    arrays = corrupt(call, state_to_arrays(model))
-    extra: dict[str, Any] = {}
+    return fit_reply(call, corrupt(call, state_to_arrays(model)), y, res.num_examples, res.steps, res.metrics)
+
+
+def fit_reply(call: ClientCall, arrays: ArrayRecord, y: torch.Tensor, num_examples: int, steps: int,
+              metrics: dict[str, float]) -> RecordDict:
+    """The reply of a plain local round (shared by ``fit`` and the vectorised local path)."""
+    record = call.reply_metrics(**{"num-examples": num_examples, "steps": steps,
+                                   "sim-time": call.simulated_time(steps)}, **metrics)
     if call.scenario.privacy.mechanism != "none" and call.scenario.privacy.release_counters:
         # for the server's DP label-histogram counter only (never written to the logs)
-        extra["label-counts"] = torch.bincount(y, minlength=call.runtime.num_classes).tolist()
-    metrics = call.reply_metrics(**{"num-examples": res.num_examples, "steps": res.steps,
-                                    "sim-time": call.simulated_time(res.steps)}, **res.metrics)
-    for k, v in extra.items():
-        metrics[k] = [int(c) for c in v]
-    return RecordDict({"arrays": arrays, "metrics": metrics})
+        record["label-counts"] = [int(c) for c in torch.bincount(y, minlength=call.runtime.num_classes).tolist()]
+    return RecordDict({"arrays": arrays, "metrics": record})
 
 
 def build_client_app(scenario: Scenario | None = None) -> ClientApp:
