@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fedsim.config import scenario_from_dict
-from fedsim.data.federation import make_federation
+from fedsim.data.federation import federation_of
 from fedsim.engines.local import run_local
 from fedsim.models import build_model
 from fedsim.rng import derive_seed, numpy_rng, torch_generator
@@ -75,11 +75,9 @@ def plain_time(raw: dict) -> float:
     scen = scenario_from_dict(raw)
     d, c = scen.data, scen.client
     torch.set_num_threads(scen.run.threads)
-    fed = make_federation(dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner,
-                          partition=d.partition, options=d.options, test_fraction=d.test_fraction,
-                          server_labelled=d.server_labelled, seed=scen.run.seed)
+    fed = federation_of(scen)
     ds = fed.dataset
-    model = build_model(scen.model, tuple(ds.input_shape), int(ds.num_classes),
+    model = build_model(scen.model, tuple(fed.input_shape), int(fed.num_classes),
                         derive_seed(scen.run.seed, "model-init"))
     data = {i: (torch.tensor(ds.x_train[idx], dtype=torch.float32), torch.tensor(ds.y_train[idx]))
             for i, idx in enumerate(fed.client_indices)}

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from _compare import fmt, load, run_seeds, table
-from fedsim.data.federation import make_federation
+from fedsim.config import scenario_from_dict
+from fedsim.data.federation import federation_of
 
 
 def labelled_only(raw: dict, seed: int, tmp: Path) -> dict:
     d = raw["data"]
-    fed = make_federation(dataset=d["dataset"], num_clients=d["num_clients"], partitioner=d["partitioner"],
-                          partition=d.get("partition", {}), options=d.get("options", {}),
-                          test_fraction=d.get("test_fraction", 0.2), server_labelled=d["server_labelled"], seed=seed)
+    seeded = copy.deepcopy(raw)
+    seeded.setdefault("run", {})["seed"] = seed
+    fed = federation_of(scenario_from_dict(seeded))  # the federation the SemiFL run of this seed sees
     x, y = fed.server_data()
     path = tmp / f"labelled-{seed}.npz"
     np.savez(path, x_train=x, y_train=y, x_test=fed.x_test, y_test=fed.y_test)

@@ -2,7 +2,9 @@
 
 A loader is ``loader(seed: int, test_fraction: float, **options) -> Dataset``. Nothing here
 downloads anything: data is bundled with a library (scikit-learn's digits), generated from the
-seed (``synthetic``, ``synthetic_images``) or read from a local file (``npz``).
+seed (``synthetic``, ``synthetic_images``) or read from a local file (``npz``). Those loaders live
+in their own modules; :mod:`fedsim.data.builtin` imports them all, so ``DATASETS`` is complete
+once ``fedsim.data`` is imported.
 """
 
 from __future__ import annotations
@@ -112,11 +114,6 @@ def load_dataset(name: str, seed: int, test_fraction: float = 0.2, options: dict
     return loader(seed, test_fraction, **(options or {}))
 
 
-def dataset_options(name: str) -> list[str]:
-    """The option names the dataset ``name`` accepts."""
-    return _checks.keyword_names(DATASETS.get(name, key=DATASET_KEY), skip=2)
-
-
 def split_train_test(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Generator,
                      groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, test)``, stratified by ``groups`` (default: by label ``y``)."""
@@ -137,7 +134,3 @@ def digits(seed: int, test_fraction: float) -> Dataset:
     y = bunch.target.astype(np.int64)
     train, test = split_train_test(x, y, test_fraction, numpy_rng(seed, "dataset", "digits", "split"))
     return Dataset(x[train], y[train], x[test], y[test], num_classes=10, input_shape=(1, 8, 8), name="digits")
-
-
-# Loaders defined in other modules register themselves on import.
-from fedsim.data import npz_file as _npz_file, synthetic as _synthetic  # noqa: E402,F401

@@ -10,6 +10,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,13 @@ class Federation:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes of the dataset (some may be absent from a client)."""
         return self.dataset.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, e.g. ``(1, 28, 28)``."""
+        return self.dataset.input_shape
 
     @property
     def x_test(self) -> np.ndarray:
@@ -107,6 +114,14 @@ def make_federation(dataset: str, num_clients: int, partitioner: str = "iid", pa
         raise ConfigError("data", f"settings must be plain numbers, strings, lists and tables ({err})",
                           "remove objects from data.options / data.partition") from err
     return _cached_federation(key)
+
+
+def federation_of(scenario: Any) -> Federation:
+    """The federation of ``scenario`` (its ``[data]`` table and ``run.seed``), from this process's cache."""
+    d = scenario.data
+    return make_federation(dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner,
+                           partition=d.partition, options=d.options, test_fraction=d.test_fraction,
+                           server_labelled=d.server_labelled, seed=scenario.run.seed)
 
 
 def clear_federation_cache() -> None:

@@ -8,13 +8,15 @@ import numpy as np
 
 from fedsim.data import _checks
 from fedsim.data.partitioners import (
-    MAX_DIRICHLET_REDRAWS,
     NUM_PARTITIONS_KEY,
-    _group,
-    _key,
+    check_min_partition_size,
+    partition_key as _key,
     register_partitioner,
 )
+from fedsim.data.splits import group_by_owner
 from fedsim.errors import ConfigError, DataError
+
+MAX_DIRICHLET_REDRAWS = 10
 
 
 def _concentrations(alpha: float | Sequence[float], num_labels: int) -> np.ndarray:
@@ -75,17 +77,13 @@ def dirichlet(labels: np.ndarray, num_partitions: int, rng: np.random.Generator,
     alphas = _concentrations(alpha, int(labels.max()) + 1)
     min_size = _checks.int_at_least(_key("min_partition_size"), min_partition_size, 0)
     self_balancing = _checks.boolean(_key("self_balancing"), self_balancing)
-    if num_partitions * min_size > len(labels):
-        raise DataError(f"{_key('min_partition_size')}: {num_partitions} partitions of at least {min_size} "
-                        f"samples need {num_partitions * min_size}, but there are {len(labels)}",
-                        f"lower {_key('min_partition_size')} to at most {len(labels) // num_partitions} "
-                        f"or use fewer clients ({NUM_PARTITIONS_KEY})")
+    check_min_partition_size(len(labels), num_partitions, min_size)
     smallest = 0
     for _ in range(1 + MAX_DIRICHLET_REDRAWS):
         owner = _dirichlet_draw(labels, num_partitions, rng, alphas, self_balancing)
         smallest = int(np.bincount(owner, minlength=num_partitions).min())
         if smallest >= min_size:
-            return _group(owner, num_partitions)
+            return group_by_owner(owner, num_partitions)
     raise DataError(
         f"{_key('min_partition_size')}: after {1 + MAX_DIRICHLET_REDRAWS} Dirichlet draws with alpha={alpha}, "
         f"some partition still had only {smallest} of the required {min_size} samples "
@@ -171,7 +169,7 @@ def pathological(labels: np.ndarray, num_partitions: int, rng: np.random.Generat
     for c, parts in enumerate(holders):
         members = rng.permutation(np.flatnonzero(class_of_sample == c))
         owner[members] = np.asarray(parts)[np.arange(len(members)) * len(parts) // len(members)]
-    return _group(owner, num_partitions)
+    return group_by_owner(owner, num_partitions)
 
 
 def _shard_layout(total: int, num_partitions: int, per_partition: int | None,
@@ -242,4 +240,4 @@ def shard(labels: np.ndarray, num_partitions: int, rng: np.random.Generator,
         owner_of_shard[spare] = receivers[: len(spare)]
     owner = np.empty(len(labels), dtype=np.int64)
     owner[by_label] = owner_of_shard[shard_of_position]
-    return _group(owner, num_partitions)
+    return group_by_owner(owner, num_partitions)

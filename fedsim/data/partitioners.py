@@ -6,6 +6,9 @@ otherwise, cover every index. Parameters mirror ``flwr_datasets.partitioner`` (`
 ``DirichletPartitioner``, ``PathologicalPartitioner``, ``ShardPartitioner``,
 ``NaturalIdPartitioner``); ``partition_by``/``shuffle``/``seed`` are replaced by the labels array
 and the ``rng``. Impossible requests raise typed errors naming the scenario key, never loop.
+
+The label-skew partitioners live in :mod:`fedsim.data.label_skew`; :mod:`fedsim.data.builtin`
+imports both modules, so ``PARTITIONERS`` is complete once ``fedsim.data`` is imported.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedsim.data import _checks
+from fedsim.data.splits import group_by_owner, largest_remainder
 from fedsim.errors import ConfigError, DataError
 from fedsim.registry import Registry
 
@@ -25,11 +29,22 @@ PARTITIONERS: Registry[Partitioner] = Registry("partitioner")
 PARTITIONER_KEY = "data.partitioner"
 PARTITION_PREFIX = "data.partition"
 NUM_PARTITIONS_KEY = "data.num_clients"
-MAX_DIRICHLET_REDRAWS = 10
 
 
-def _key(param: str) -> str:
+def partition_key(param: str) -> str:
+    """The scenario key of a partitioner parameter: ``data.partition.<param>``."""
     return f"{PARTITION_PREFIX}.{param}"
+
+
+def check_min_partition_size(num_samples: int, num_partitions: int, min_size: int) -> None:
+    """Raise a :class:`~fedsim.errors.DataError` if ``num_partitions`` partitions of at least
+    ``min_size`` samples (``data.partition.min_partition_size``) cannot be cut from ``num_samples``."""
+    if num_partitions * min_size > num_samples:
+        key = partition_key("min_partition_size")
+        raise DataError(f"{key}: {num_partitions} partitions of at least {min_size} "
+                        f"samples need {num_partitions * min_size}, but there are {num_samples}",
+                        f"lower {key} to at most {num_samples // num_partitions} "
+                        f"or use fewer clients ({NUM_PARTITIONS_KEY})")
 
 
 def register_partitioner(name: str, hidden: tuple[str, ...] = ()) -> Callable[[Partitioner], Partitioner]:
@@ -69,33 +84,13 @@ def partition(name: str, labels: np.ndarray, num_partitions: int, rng: np.random
     fn = PARTITIONERS.get(name, key=PARTITIONER_KEY)
     params = dict(params or {})
     if "natural_ids" in params:
-        raise ConfigError(_key("natural_ids"), "is taken from the dataset, not from the scenario",
-                          f"remove {_key('natural_ids')}; use a dataset with natural ids")
+        raise ConfigError(partition_key("natural_ids"), "is taken from the dataset, not from the scenario",
+                          f"remove {partition_key('natural_ids')}; use a dataset with natural ids")
     if "natural_ids" in _checks.keyword_names(fn, skip=3):
         params["natural_ids"] = natural_ids
     return fn(labels, num_partitions, rng, **params)
 
 
-def partitioner_params(name: str) -> list[str]:
-    """The parameter names the partitioner ``name`` accepts from a scenario."""
-    return [p for p in _checks.keyword_names(PARTITIONERS.get(name, key=PARTITIONER_KEY), skip=3)
-            if p != "natural_ids"]
-
-
-def _group(owner: np.ndarray, num_partitions: int) -> list[np.ndarray]:
-    """Index arrays ``[where(owner == p) for p in range(num_partitions)]``; ``owner == -1`` is dropped."""
-    order = np.argsort(owner, kind="stable")
-    counts = np.bincount(owner[owner >= 0], minlength=num_partitions)
-    start = int(np.sum(owner < 0))
-    return [part.astype(np.int64) for part in np.split(order[start:], np.cumsum(counts)[:-1])]
-
-
-def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
-    """Integers proportional to ``weights`` that sum to ``total`` (Hamilton's method)."""
-    share = total * weights / weights.sum()
-    counts = np.floor(share).astype(np.int64)
-    counts[np.argsort(-(share - counts), kind="stable")[: total - int(counts.sum())]] += 1
-    return counts
 
 
 @register_partitioner("iid")
@@ -103,7 +98,7 @@ def iid(labels: np.ndarray, num_partitions: int, rng: np.random.Generator) -> li
     """Uniformly random partitions of equal size (±1), like Flower's ``IidPartitioner``."""
     owner = np.empty(len(labels), dtype=np.int64)
     owner[rng.permutation(len(labels))] = np.arange(len(labels)) % num_partitions
-    return _group(owner, num_partitions)
+    return group_by_owner(owner, num_partitions)
 
 
 @register_partitioner("quantity")
@@ -116,19 +111,15 @@ def quantity(labels: np.ndarray, num_partitions: int, rng: np.random.Generator, 
     rounded by largest remainder. ``power = 0`` gives equal sizes; larger powers more skew
     (Zipf's law at 1, cf. Flower's Linear/Square/Exponential size partitioners).
     """
-    power = _checks.real(_key("power"), power, low=0.0)
-    min_size = _checks.int_at_least(_key("min_partition_size"), min_partition_size, 0)
+    power = _checks.real(partition_key("power"), power, low=0.0)
+    min_size = _checks.int_at_least(partition_key("min_partition_size"), min_partition_size, 0)
+    check_min_partition_size(len(labels), num_partitions, min_size)
     spare = len(labels) - num_partitions * min_size
-    if spare < 0:
-        raise DataError(f"{_key('min_partition_size')}: {num_partitions} partitions of at least {min_size} "
-                        f"samples need {num_partitions * min_size}, but there are {len(labels)}",
-                        f"lower {_key('min_partition_size')} to at most {len(labels) // num_partitions} "
-                        f"or use fewer clients ({NUM_PARTITIONS_KEY})")
-    sizes_by_rank = min_size + _largest_remainder(spare, np.arange(1, num_partitions + 1) ** -power)
+    sizes_by_rank = min_size + largest_remainder(spare, np.arange(1, num_partitions + 1) ** -power)
     sizes = sizes_by_rank[rng.permutation(num_partitions)]
     owner = np.empty(len(labels), dtype=np.int64)
     owner[rng.permutation(len(labels))] = np.repeat(np.arange(num_partitions), sizes)
-    return _group(owner, num_partitions)
+    return group_by_owner(owner, num_partitions)
 
 
 @register_partitioner("natural", hidden=("natural_ids",))
@@ -154,8 +145,5 @@ def natural(labels: np.ndarray, num_partitions: int, rng: np.random.Generator,
                         f"{len(owners)} natural owners", f"set {NUM_PARTITIONS_KEY} to at most {len(owners)}")
     group_sizes = [len(g) for g in np.array_split(np.arange(len(owners)), num_partitions)]
     partition_of_owner = np.repeat(np.arange(num_partitions), group_sizes)
-    return _group(partition_of_owner[owner_of_sample], num_partitions)
+    return group_by_owner(partition_of_owner[owner_of_sample], num_partitions)
 
-
-# Label-skew partitioners live in their own module; importing it registers them.
-from fedsim.data import label_skew as _label_skew  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""Seeded, stratified splits that never fail on tiny groups (unlike scikit-learn's)."""
+"""Index arithmetic for splits: seeded, stratified splits that never fail on tiny groups (unlike
+scikit-learn's), largest-remainder sizes and grouping samples by owner."""
 
 from __future__ import annotations
 
@@ -67,3 +68,48 @@ def stratified_fraction(groups: np.ndarray, fraction: float,
     count = int(round(fraction * len(groups)))
     test, train = stratified_take(groups, count, rng)
     return train, test
+
+
+def largest_remainder(total: int, weights, *, weight_sum: float | None = None) -> np.ndarray:
+    """Non-negative integers proportional to ``weights`` that sum to ``total`` (Hamilton's method).
+
+    Entry ``i`` gets ``floor(total * w_i / W)``; the units left over go, one each, to the entries
+    with the largest fractional remainders (ties: lowest index first).
+
+    Parameters
+    ----------
+    total
+        The integer to share out, ``>= 0``.
+    weights
+        Non-negative weights (any sequence of numbers), not all zero.
+    weight_sum
+        The normaliser ``W``; default ``np.sum(weights)``. A caller that has always divided by
+        another sum of the same weights (e.g. Python's left-to-right ``sum``) passes it here to
+        keep its numbers bit-identical.
+
+    Returns
+    -------
+    np.ndarray
+        ``int64`` counts, one per weight, summing to ``total``.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if weight_sum is None:
+        weight_sum = weights.sum()
+    if not weight_sum > 0:
+        raise ValueError(f"weights must have a positive sum, got {weight_sum}")
+    share = total * weights / weight_sum
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(-(share - counts), kind="stable")[: total - int(counts.sum())]] += 1
+    return counts
+
+
+def group_by_owner(owner: np.ndarray, num_groups: int) -> list[np.ndarray]:
+    """Index arrays ``[where(owner == g) for g in range(num_groups)]``; ``owner == -1`` is dropped.
+
+    Each array is sorted and ``int64``; ``owner`` holds a group id in ``[0, num_groups)`` (or
+    ``-1``) per sample.
+    """
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner[owner >= 0], minlength=num_groups)
+    start = int(np.sum(owner < 0))
+    return [part.astype(np.int64) for part in np.split(order[start:], np.cumsum(counts)[:-1])]

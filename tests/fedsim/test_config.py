@@ -1,5 +1,6 @@
 import pytest
 
+from fedsim.catalog import resolve
 from fedsim.config import apply_overrides, dumps_scenario, load_scenario, loads_scenario, parse_value, scenario_from_dict
 from fedsim.errors import ConfigError, DataError, UnknownNameError
 from tests.conftest import TINY, tiny
@@ -30,7 +31,7 @@ def test_defaults_validate():
 )
 def test_bad_scenarios_name_the_key(raw, key, words):
     with pytest.raises(ConfigError) as ei:
-        scenario_from_dict(raw)
+        resolve(scenario_from_dict(raw))  # values by the schema, names by the resolver step
     text = str(ei.value)
     assert ei.value.key == key, text
     for w in words:
@@ -38,8 +39,20 @@ def test_bad_scenarios_name_the_key(raw, key, words):
 
 
 def test_unknown_names_are_unknown_name_errors():
+    scenario = scenario_from_dict({"strategy": {"name": "nope"}})  # the schema only validates values
     with pytest.raises(UnknownNameError):
-        scenario_from_dict({"strategy": {"name": "nope"}})
+        resolve(scenario)
+
+
+def test_unimplemented_attacks_are_refused_by_the_schema():
+    from fedsim.faults import ATTACKS
+
+    for attack in ("ipm", "alie"):
+        with pytest.raises(ConfigError) as ei:
+            scenario_from_dict({"faults": {"attack": attack, "byzantine_clients": [0]}})
+        assert ei.value.key == "faults.attack"
+    for attack in ATTACKS:
+        assert scenario_from_dict({"faults": {"attack": attack}}).faults.attack == attack
 
 
 def test_overrides_are_typed():

@@ -38,3 +38,15 @@ def test_header_that_lies_is_rejected():
 def test_non_contiguous_input():
     x = np.arange(6.0).reshape(2, 3).T
     np.testing.assert_array_equal(to_numpy(from_numpy(x)), x)
+
+
+def test_trailing_bytes_after_the_array_are_refused():
+    import pytest
+    from flwr.app import Array
+
+    from fedsim.wire import from_numpy, to_numpy
+
+    good = from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))
+    padded = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data + b"\x00" * 4)
+    with pytest.raises(ValueError, match="bytes after its header"):
+        to_numpy(padded)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from fedsim.data import label_skew
-from fedsim.data.partitioners import MAX_DIRICHLET_REDRAWS, PARTITIONERS, partition, partitioner_params
+from fedsim.data.label_skew import MAX_DIRICHLET_REDRAWS
+from fedsim.data.partitioners import PARTITIONERS, partition
+from fedsim.data.splits import group_by_owner, largest_remainder
 from fedsim.errors import ConfigError, DataError, UnknownNameError
 
 FAST = settings(max_examples=60, deadline=None)
@@ -23,6 +27,13 @@ def labelled(draw, min_size: int = 1, max_size: int = 300, max_classes: int = 12
     rng = np.random.default_rng(seed)
     skew = rng.dirichlet(np.full(num_classes, draw(st.sampled_from([0.3, 1.0, 100.0]))))
     return rng.choice(num_classes, size=size, p=skew).astype(np.int64), seed
+
+
+def partitioner_params(name: str) -> list[str]:
+    """The parameters a scenario may give the partitioner (``natural_ids`` comes from the data)."""
+    params = list(inspect.signature(PARTITIONERS.get(name)).parameters.values())[3:]
+    return [p.name for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "natural_ids"]
 
 
 def check_partition(parts: list[np.ndarray], size: int, num_partitions: int, covering: bool = True) -> None:
@@ -289,3 +300,60 @@ def test_required_parameters_are_reported_by_key():
         needs_k(BALANCED, 2, None)
     assert info.value.key == "data.partition.k"
     assert needs_k(BALANCED, 2, None, k=3) == 3
+
+
+def test_min_partition_size_error_is_the_same_for_quantity_and_dirichlet():
+    messages = []
+    for name in ("quantity", "dirichlet"):
+        with pytest.raises(DataError) as info:
+            PARTITIONERS.get(name)(BALANCED, 5, np.random.default_rng(0), min_partition_size=41)
+        messages.append((str(info.value), info.value.hint))
+    assert messages[0] == messages[1]
+    assert "data.partition.min_partition_size: 5 partitions of at least 41 samples need 205" in messages[0][0]
+    assert "at most 40" in messages[0][1] and "data.num_clients" in messages[0][1]
+
+
+def _hamilton_reference(total, weights):
+    """Largest remainder in exact fractions; ``None`` when two remainders tie at the cut (float may break it)."""
+    from fractions import Fraction
+
+    shares = [Fraction(total * w, sum(weights)) for w in weights]
+    counts = [int(s) for s in shares]
+    remainder = [s - c for s, c in zip(shares, counts)]
+    order = sorted(range(len(shares)), key=lambda i: (-remainder[i], i))
+    extra = total - sum(counts)
+    if 0 < extra < len(order) and remainder[order[extra - 1]] == remainder[order[extra]]:
+        return None
+    for i in order[:extra]:
+        counts[i] += 1
+    return counts
+
+
+@FAST
+@given(st.integers(0, 10_000), st.lists(st.integers(0, 50), min_size=1, max_size=40).filter(any))
+def test_largest_remainder_sums_to_total_and_matches_exact_hamilton(total, weights):
+    counts = largest_remainder(total, weights)
+    assert counts.dtype == np.int64 and counts.shape == (len(weights),)
+    assert int(counts.sum()) == total and np.all(counts >= 0)
+    quota = total * np.asarray(weights, dtype=float) / sum(weights)
+    assert np.all(np.abs(counts - quota) < 1.0 + 1e-9)
+    reference = _hamilton_reference(total, weights)
+    if reference is not None:  # distinct exact remainders differ by >= 1/sum(weights), far above float error
+        assert counts.tolist() == reference
+
+
+def test_largest_remainder_examples_and_the_callers_normaliser():
+    assert largest_remainder(10, [1, 1, 1]).tolist() == [4, 3, 3]
+    assert largest_remainder(7, np.array([0.5, 0.25, 0.25])).tolist() == [3, 2, 2]
+    assert largest_remainder(0, [3, 1]).tolist() == [0, 0]
+    fractions = [0.1] * 9 + [0.05] * 2
+    assert largest_remainder(13, fractions, weight_sum=sum(fractions)).sum() == 13
+    with pytest.raises(ValueError, match="positive sum"):
+        largest_remainder(3, [0.0, 0.0])
+
+
+def test_group_by_owner_drops_unowned_and_keeps_empty_groups():
+    owner = np.array([2, -1, 0, 2, 0, -1, 2])
+    groups = group_by_owner(owner, 4)
+    assert [g.tolist() for g in groups] == [[2, 4], [], [0, 3, 6], []]
+    assert all(g.dtype == np.int64 for g in groups)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from fedsim.data import DATASETS, dataset_options, load_dataset
+from fedsim.data import DATASETS, load_dataset
 from fedsim.errors import ConfigError, DataError, UnknownNameError
 
 SMALL = {
@@ -13,6 +17,12 @@ SMALL = {
     "synthetic": {"num_samples": 600, "num_users": 10},
     "synthetic_images": {"num_samples": 300},
 }
+
+
+def dataset_options(name: str) -> list[str]:
+    """The options a loader declares (its keyword parameters after ``seed, test_fraction``)."""
+    params = list(inspect.signature(DATASETS.get(name)).parameters.values())[2:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def check_dataset(data, num_classes, input_shape):
@@ -25,6 +35,18 @@ def check_dataset(data, num_classes, input_shape):
 
 def test_every_registered_dataset_is_tested():
     assert set(DATASETS.names()) == set(SMALL) | {"npz"}
+
+
+@pytest.mark.parametrize("statement", [
+    "from fedsim.data.datasets import DATASETS; from fedsim.data.partitioners import PARTITIONERS",
+    "from fedsim.data.federation import make_federation; from fedsim.data import DATASETS, PARTITIONERS",
+])
+def test_registries_are_complete_in_a_fresh_process(statement):
+    """Whatever module a caller imports first, every built-in loader and partitioner is registered."""
+    listing = subprocess.run([sys.executable, "-c", f"{statement}; print(DATASETS.names(), PARTITIONERS.names())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert listing == ("['digits', 'npz', 'synthetic', 'synthetic_images'] "
+                       "['dirichlet', 'iid', 'natural', 'pathological', 'quantity', 'shard']")
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsim.data import clear_federation_cache, label_counts, make_federation
+from fedsim.data import clear_federation_cache, federation_of, label_counts, make_federation
 from fedsim.data.plot import plot_label_distribution
 from fedsim.errors import ConfigError, DataError
 
@@ -28,6 +28,20 @@ def test_same_arguments_same_federation_even_after_clearing_the_cache():
     assert rebuilt is not first and fingerprint(rebuilt) == fingerprint(first)
     assert np.array_equal(rebuilt.x_test, first.x_test)
     assert fingerprint(make_federation(**{**args, "seed": 12})) != fingerprint(first)
+
+
+def test_federation_of_a_scenario_is_its_data_table_and_seed():
+    from fedsim.config import Scenario
+    from tests.conftest import TINY
+
+    data = {**TINY["data"], "partitioner": "dirichlet", "partition": {"alpha": 0.5}, "server_labelled": 20}
+    scenario = Scenario.model_validate({**TINY, "data": data})  # the schema only: no registry look-ups
+    d = scenario.data
+    federation = federation_of(scenario)
+    assert federation is make_federation(d.dataset, d.num_clients, d.partitioner, d.partition, d.options,
+                                          d.test_fraction, d.server_labelled, scenario.run.seed)
+    assert federation.input_shape == federation.dataset.input_shape == (1, 8, 8)
+    assert federation.num_classes == federation.dataset.num_classes == 10
 
 
 def test_equal_settings_written_differently_share_the_cache():
