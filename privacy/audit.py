@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accountants import gaussian_epsilon_exact
+from fedsim.privacy.analysis import gaussian_epsilon_exact
 from fedsim.privacy.clipping import dp_fedavg_aggregate
 from fedsim.rng import numpy_rng
 

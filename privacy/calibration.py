@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accountants import Event, make_accountant, sampled_event
+from fedsim.privacy.accountants import make_accountant
+from fedsim.privacy.events import Event, sampled_event
 
 __all__ = ["Calibration", "calibrate_noise_multiplier", "epsilon_for"]
 

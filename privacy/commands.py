@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accountants import make_accountant, sampled_event
+from fedsim.privacy.accountants import make_accountant
 from fedsim.privacy.calibration import calibrate_noise_multiplier
 from fedsim.privacy.counters import COUNTERS
+from fedsim.privacy.events import sampled_event
 from fedsim.rng import numpy_rng
 
 __all__ = ["calibrate", "counter_variance", "epsilon"]

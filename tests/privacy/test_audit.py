@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accountants import gaussian_epsilon_exact
+from fedsim.privacy.analysis import gaussian_epsilon_exact
 from fedsim.privacy.audit import (
     audit_scores,
     client_level_gaussian_audit,
