@@ -3,6 +3,7 @@
     python bench/compare_coded.py                                  # bursty stragglers (the scenario's)
     python bench/compare_coded.py --stragglers gilbert_elliott     # stragglers that break (B, W, lam)
     python bench/compare_coded.py --seeds 0 1 2 3 4 --jobs 60
+    python bench/compare_coded.py --offline                        # the clock alone, no training
 
 Every variant runs ``scenarios/coded_stragglers.toml`` through the local engine with the same
 seed, hence the same straggler pattern and time jitter (common random numbers), and computes the
@@ -19,6 +20,11 @@ replicas round-robin, each by exact GD (one step every T + 1 rounds), so every r
 uncoded GD after as many steps (differences ~1e-13). With ``jobs = "delayed"`` one model takes job
 t's gradient when it is decoded (delay up to T): different math (GD with stale gradients), so the
 difference is large and accuracy may suffer at this learning rate.
+
+``--offline`` skips training: :func:`simulate_wallclock` replays the scenario's straggler model and
+time model through each scheme's waiting rule (uncoded waits for every worker, GC for the fastest
+``n - s``, sequential GC until ``(1 + mu) x fastest`` unless the pattern breaks its model) and
+prints the total simulated time per scheme. ``tests/strategies/test_stragglers_math.py`` tests it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from fedsim.errors import ConfigError
+from fedsim.rng import numpy_rng
+from fedsim.strategies.sequential_coded_math import MultiplexedSGC, SelectiveRepeatSGC
+from fedsim.strategies.stragglers_math import ComputeTimeModel, draw_stragglers, stragglers_from_times
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "coded_stragglers.toml"
@@ -95,17 +106,105 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+# ---------------------------------------------------------------------------------------------
+# offline analysis: the simulated clock alone
+def uncoded_round_times(times: np.ndarray) -> np.ndarray:
+    """Uncoded: the master waits for every worker."""
+    return np.asarray(times).max(axis=-1)
+
+
+def gc_round_times(times: np.ndarray, s: int) -> np.ndarray:
+    """Gradient coding: the master waits for the fastest ``n - s`` workers."""
+    times = np.asarray(times)
+    n = times.shape[-1]
+    return np.sort(times, axis=-1)[..., n - s - 1]
+
+
+def sequential_round_times(times: np.ndarray, scheduler, mu: float) -> np.ndarray:
+    """Drive a sequential-GC scheduler with stragglers detected from ``times`` (the ``mu`` rule).
+
+    A round lasts ``min((1 + mu) * fastest, slowest)`` when the detected pattern follows the
+    scheme's model, and ``slowest`` when the scheduler waited for everyone.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    out = np.empty(times.shape[0])
+    for r, row in enumerate(times):
+        report = scheduler.step(stragglers_from_times(row, mu))
+        out[r] = row.max() if report.waited_for_all else min((1.0 + mu) * row.min(), row.max())
+    return out
+
+
+def simulate_wallclock(rng: np.random.Generator, pattern: np.ndarray, model: ComputeTimeModel, s: int,
+                       B: int, W: int, lam: int, mu: float = 0.1, num_jobs: int | None = None) -> dict:
+    """Total simulated wall-clock to finish ``num_jobs`` gradients under each scheme.
+
+    ``pattern`` (``(rounds, n)``) says who is slowed down; it must cover ``num_jobs + W - 2 + B``
+    rounds (the longest pipeline). The noise is shared between schemes (common random numbers).
+    Returns ``{scheme: {"round_times": array, "total": float, "load": float}}`` for ``"uncoded"``,
+    ``"gc"``, ``"sr-sgc"`` (when ``B | (W - 1)``) and ``"m-sgc"``.
+    """
+    pattern = np.asarray(pattern, dtype=bool)
+    n = pattern.shape[1]
+    T_max = W - 2 + B
+    jobs = num_jobs if num_jobs is not None else pattern.shape[0] - T_max
+    sr = SelectiveRepeatSGC(n, B, W, lam, num_jobs=jobs) if (W - 1) % B == 0 else None
+    ms = MultiplexedSGC(n, B, W, lam, num_jobs=jobs)
+    if pattern.shape[0] < jobs + ms.T:
+        raise ConfigError("stragglers.rounds", f"pattern has {pattern.shape[0]} rounds, need {jobs + ms.T}")
+    noise = model.noise(rng, pattern.shape[0], n)
+    result = {}
+    t = model.times(1.0 / n, pattern[:jobs], noise[:jobs])
+    result["uncoded"] = {"round_times": uncoded_round_times(t), "load": 1.0 / n}
+    t = model.times((s + 1) / n, pattern[:jobs], noise[:jobs])
+    result["gc"] = {"round_times": gc_round_times(t, s), "load": (s + 1) / n}
+    for name, sched in (("sr-sgc", sr), ("m-sgc", ms)):
+        if sched is None:
+            continue
+        rounds = jobs + sched.T
+        t = model.times(sched.load, pattern[:rounds], noise[:rounds])
+        result[name] = {"round_times": sequential_round_times(t, sched, mu), "load": sched.load}
+    for v in result.values():
+        v["total"] = float(v["round_times"].sum())
+    return result
+
+
+def offline(options: dict, n: int, jobs: int, seeds: list[int]) -> None:
+    """Print :func:`simulate_wallclock`'s total simulated time per scheme for the scenario's options."""
+    o = {"B": 1, "W": 3, "lam": 1, "s": 1, "mu": 0.1, "stragglers": "bernoulli", **options}
+    B, W, lam = int(o["B"]), int(o["W"]), int(o["lam"])
+    model = ComputeTimeModel(*(float(o.get(k, d)) for k, d in
+                               (("base_time", 1.0), ("jitter", 0.05), ("straggler_delay", 1.0), ("overhead", 0.0))))
+    params = {k: o[k] for k in ("p", "p_good_to_bad", "p_bad_to_good", "p_start", "p_continue") if k in o}
+    runs = []
+    for seed in seeds:
+        pattern = draw_stragglers(str(o["stragglers"]), numpy_rng(seed, "coded-stragglers", o["stragglers"]), n,
+                                  jobs + W - 2 + B, B=B, W=W, lam=lam, **params)
+        runs.append(simulate_wallclock(numpy_rng(seed, "coded-time"), pattern, model, s=int(o["s"]), B=B, W=W,
+                                       lam=lam, mu=float(o["mu"]), num_jobs=jobs))
+    print(f"\nOffline clock: {n} workers, {jobs} gradient jobs, stragglers = {o['stragglers']}, seeds {seeds}.\n")
+    print("| scheme | load / worker | simulated time (s) | speed-up vs uncoded |")
+    print("|---|---|---|---|")
+    for name in runs[0]:
+        speed = [r["uncoded"]["total"] / r[name]["total"] for r in runs]
+        print(f"| {name} | {runs[0][name]['load']:.3f} | {fmt([r[name]['total'] for r in runs])} | {fmt(speed)}× |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=40, help="full gradients (GD steps) per run")
     ap.add_argument("--stragglers", default="bursty", choices=["bursty", "gilbert_elliott", "bernoulli"])
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra scenario override")
+    ap.add_argument("--offline", action="store_true", help="the simulated clock alone (no training)")
     args = ap.parse_args(argv)
     from fedsim.config import load_scenario
 
     base = [f'strategy.stragglers="{args.stragglers}"', *args.sets]
-    st = load_scenario(SCENARIO, base).strategy.options()
+    scen = load_scenario(SCENARIO, base)
+    st = scen.strategy.options()
+    if args.offline:
+        offline(st, scen.data.num_clients, args.jobs, args.seeds)
+        return 0
     B, W, lam, s = int(st.get("B", 1)), int(st.get("W", 3)), int(st.get("lam", 1)), int(st.get("s", 1))
     table = []
     for label, sets, T in variants(B, W, lam, s):

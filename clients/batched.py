@@ -53,10 +53,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from torch import nn
 
-from fedsim.clients.client_app import CLIENT_TASKS, ClientCall, _arr, fit, fit_reply
+from fedsim.clients.tasks import CLIENT_TASKS, PLUGINS_KEY, ClientCall, fit, fit_reply
 from fedsim.clients.runtime import ClientRuntime, runtime_for
 from fedsim.config import Scenario
 from fedsim.errors import ClientFailure
+from fedsim.faults import is_byzantine
+from fedsim.wire import from_numpy
 
 #: memory the stacked parameters, momentum, gradients and gathered batches of one chunk may use
 CHUNK_BYTES = 256 * 2**20
@@ -96,14 +98,9 @@ def cost_reason(model: nn.Module, device: torch.device) -> str | None:
 
 def scenario_reason(scenario: Scenario, model: nn.Module) -> str | None:
     """Why no client of ``scenario`` can use the vectorised path (``None`` if they can)."""
-    from fedsim.strategies.base import STRATEGIES
-
     c = scenario.client
     if c.plugins:
         return f"client plugins {list(c.plugins)} are enabled"
-    needed = STRATEGIES.get(scenario.strategy.name, key="strategy.name").client_plugins
-    if needed:
-        return f"strategy '{scenario.strategy.name}' enables client plugins {list(needed)}"
     if c.optimizer != "sgd":
         return f"client.optimizer is '{c.optimizer}' (only sgd is vectorised)"
     if scenario.privacy.mechanism == "dp-sgd":
@@ -117,8 +114,9 @@ def message_eligible(call: ClientCall) -> bool:
     """Whether this message can join a vectorised call: plain ``train`` and no fault this round."""
     if call.msg.metadata.message_type != "train" or "arrays" not in call.msg.content.array_records:
         return False
-    f = call.scenario.faults
-    if f.attack != "none" and call.partition_id in f.byzantine_clients:
+    if call.config.get(PLUGINS_KEY):  # a plugin the strategy enables (e.g. FedLD's margin loss)
+        return False
+    if is_byzantine(call.scenario, call.partition_id):
         return False
     try:
         call.apply_faults()  # crash / dropout: the per-message path raises them (same draws)
@@ -348,7 +346,7 @@ class BatchedFit:
         keys = list(model.state_dict())
         replies = []
         for j, cl in enumerate(clients):
-            arrays = ArrayRecord({k: _arr(cpu[names.index(k)][j].numpy()) for k in keys})
+            arrays = ArrayRecord({k: from_numpy(cpu[names.index(k)][j].numpy()) for k in keys})
             s = max(seen[j], 1)
             replies.append(fit_reply(cl.call, arrays, cl.y, int(cl.x.shape[0]), cl.steps,
                                      {"train_loss": losses[j] / s, "train_accuracy": float(rights[j]) / s}))

@@ -1,6 +1,6 @@
 """Client plugin interface: event-driven techniques composed into one local training loop.
 
-Design (Composer-style events, Lightning-style state, Optax-style gradient transforms):
+Design (Composer-style events, Lightning-style state):
 
 * A plugin subscribes to :class:`Event` values and mutates the :class:`TrainState` the loop owns.
 * Loss terms are added **by name** to ``state.loss_terms`` (never overwritten); the loss is their sum.
@@ -14,11 +14,10 @@ Design (Composer-style events, Lightning-style state, Optax-style gradient trans
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,7 +28,60 @@ from fedsim.registry import Registry
 
 
 class Event(str, Enum):
-    INIT = "init"
+    """The points of the local training loop (:func:`fedsim.clients.trainer.train_local`) where plugins run.
+
+    One client's local round, as pseudo-code; each ``# EVENT`` line is where that event fires::
+
+        # ROUND_START        (state.model / optimizer / loss_fn may be replaced, e.g. wrapped by DP-SGD)
+        for epoch in range(epochs):
+            # EPOCH_START
+            order = randperm(n)
+            # SAMPLER          (may replace state.order, or set state.batches to explicit index batches)
+            batches = state.batches or split(order, batch_size)
+            for idx in batches:
+                state.batch = (x[idx], y[idx])
+                # BATCH            (may replace state.batch)
+                bx, by = state.batch
+                # BEFORE_FORWARD
+                outputs = state.model(bx)
+                # AFTER_FORWARD
+                loss_terms = {"ce": loss_fn(outputs, by)}
+                # LOSS             (add named terms with state.add_loss)
+                loss = sum(loss_terms.values())
+                state.optimizer.zero_grad(); loss.backward()
+                # AFTER_BACKWARD
+                # BEFORE_STEP
+                # STEP             (only the plugin that owns "step"; without one: state.optimizer.step())
+                # AFTER_STEP
+                step += 1
+                if state.stop or step reached max_steps: break
+            # EPOCH_END
+            if state.stop or step reached max_steps: break
+        # ROUND_END          (undo ROUND_START; write state.metrics)
+
+    Every event except ``STEP`` goes to each plugin that lists it in ``events``, in plugin order;
+    ``AFTER_*``, ``EPOCH_END`` and ``ROUND_END`` go in reverse order (see :data:`REVERSED_EVENTS`).
+    ``SAMPLER`` goes to every subscriber, although by convention only the plugin that owns
+    ``"sampler"`` changes the order.
+
+    Attributes:
+        ROUND_START: Once, before the first epoch; the global weights and the server's round config
+            are in ``state``.
+        EPOCH_START: At the start of each epoch, before its sample order is drawn.
+        SAMPLER: After the epoch's random order is drawn into ``state.order``, before batching.
+        BATCH: After a batch's tensors are sliced into ``state.batch``, before the forward pass.
+        BEFORE_FORWARD: Immediately before ``state.model`` is called on the batch.
+        AFTER_FORWARD: Immediately after the forward pass; ``state.outputs`` holds the logits.
+        LOSS: After the cross-entropy term ``"ce"`` is computed; plugins add their own named terms.
+        AFTER_BACKWARD: After ``loss.backward()``; gradients are in the parameters' ``.grad``.
+        BEFORE_STEP: Immediately before the optimizer step.
+        STEP: Replaces ``optimizer.step()``; sent only to the plugin that owns ``"step"``.
+        AFTER_STEP: After the optimizer step, before the step counter and the stop check.
+        EPOCH_END: At the end of each epoch, also when ``max_steps`` or ``state.stop`` ends it early.
+        ROUND_END: Once, after the last epoch (also after an early stop); plugins undo what they did
+            at ``ROUND_START`` and write ``state.metrics``.
+    """
+
     ROUND_START = "round_start"
     EPOCH_START = "epoch_start"
     SAMPLER = "sampler"
@@ -43,7 +95,6 @@ class Event(str, Enum):
     AFTER_STEP = "after_step"
     EPOCH_END = "epoch_end"
     ROUND_END = "round_end"
-    PROBE = "probe"
 
 
 REVERSED_EVENTS = frozenset(
@@ -82,7 +133,6 @@ class TrainState:
     outputs: torch.Tensor | None = None
     loss_terms: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
-    global_params: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     samples_seen: int = 0
     stop: bool = False
@@ -169,9 +219,6 @@ class PluginStack:
         for p in self._dispatch[event]:
             p.on(event, state)
 
-    def handles(self, event: Event) -> bool:
-        return bool(self._dispatch[event])
-
     def __len__(self) -> int:
         return len(self.plugins)
 
@@ -201,37 +248,6 @@ def build_plugins(names: Iterable[str], settings: Callable[[str], dict[str, Any]
     return PluginStack(made)
 
 
-# ---------------------------------------------------------------------------- gradient transforms
-class GradTransform(Protocol):
-    """Optax-style pair of pure functions over lists of gradient tensors."""
-
-    def init(self, params: Sequence[torch.Tensor]) -> Any: ...
-
-    def update(self, grads: list[torch.Tensor], state: Any,
-               params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], Any]: ...
-
-
-@dataclass(frozen=True)
-class Chain:
-    """Compose gradient transforms left to right (``optax.chain``)."""
-
-    transforms: tuple[GradTransform, ...]
-
-    def init(self, params: Sequence[torch.Tensor]) -> tuple[Any, ...]:
-        return tuple(t.init(params) for t in self.transforms)
-
-    def update(self, grads, state, params):
-        new_states = []
-        for t, s in zip(self.transforms, state):
-            grads, s = t.update(grads, s, params)
-            new_states.append(s)
-        return grads, tuple(new_states)
-
-
-def chain(*transforms: GradTransform) -> Chain:
-    return Chain(tuple(transforms))
-
-
 def to_numpy_state(state: dict[str, Any]) -> dict[str, Any]:
     """Convert plugin state values to NumPy arrays / Python scalars for ``context.state``."""
     out: dict[str, Any] = {}
@@ -243,7 +259,3 @@ def to_numpy_state(state: dict[str, Any]) -> dict[str, Any]:
         else:
             raise TypeError(f"plugin state '{k}' has unsupported type {type(v).__name__}")
     return out
-
-
-def signature_keys(fn: Callable[..., Any]) -> list[str]:
-    return [p for p in inspect.signature(fn).parameters]

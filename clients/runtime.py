@@ -8,7 +8,6 @@ except caches keyed by partition id. Per-client state belongs in Flower's ``cont
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +15,11 @@ import numpy as np
 import torch
 
 from fedsim.config import Scenario, loads_scenario
+from fedsim.data.federation import Federation, federation_of
 from fedsim.errors import DataError
 from fedsim.models import build_model, resolve_device
 from fedsim.rng import derive_seed
+from fedsim.wire import to_numpy
 
 
 @dataclass
@@ -32,15 +33,8 @@ class ClientRuntime:
     _extra: dict[str, object] = field(default_factory=dict)
 
     @property
-    def federation(self):
-        from fedsim.data.federation import make_federation
-
-        d = self.scenario.data
-        return make_federation(
-            dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner,
-            partition=d.partition, options=d.options, test_fraction=d.test_fraction,
-            server_labelled=d.server_labelled, seed=self.scenario.run.seed,
-        )
+    def federation(self) -> Federation:
+        return federation_of(self.scenario)
 
     def client_data(self, partition_id: int, data_path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This client's training tensors, on the device, cached per process."""
@@ -65,8 +59,6 @@ class ClientRuntime:
     def decoded(self, arrays) -> dict[str, torch.Tensor]:
         """Tensors of a received ArrayRecord, decoded once per record (all clients of a round on
         the local engine receive the same record object)."""
-        from fedsim.wire import to_numpy
-
         held = self._extra.get("_decoded")
         if held is not None and held[0] is arrays:
             return held[1]
@@ -114,28 +106,9 @@ def runtime_for(scenario: Scenario | None = None, text: str | None = None) -> Cl
 
 
 def _build(scenario: Scenario) -> ClientRuntime:
-    from fedsim.catalog import load_all
-
-    load_all()  # a fresh Ray actor or SuperNode process has empty registries
     torch.set_num_threads(scenario.run.threads)
     device = resolve_device(scenario.run.device)
-    shape, classes = dataset_meta(scenario)
+    fed = federation_of(scenario)
+    shape, classes = tuple(fed.input_shape), int(fed.num_classes)
     model = build_model(scenario.model, shape, classes, derive_seed(scenario.run.seed, "model-init")).to(device)
     return ClientRuntime(scenario=scenario, device=device, model=model, input_shape=shape, num_classes=classes)
-
-
-def dataset_meta(scenario: Scenario) -> tuple[tuple[int, ...], int]:
-    """Input shape and number of classes of the scenario's dataset."""
-    from fedsim.data.federation import make_federation
-
-    d = scenario.data
-    fed = make_federation(
-        dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner, partition=d.partition,
-        options=d.options, test_fraction=d.test_fraction, server_labelled=d.server_labelled,
-        seed=scenario.run.seed,
-    )
-    return tuple(fed.dataset.input_shape), int(fed.dataset.num_classes)
-
-
-def scenario_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]

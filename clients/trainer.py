@@ -1,7 +1,9 @@
 """The one local training loop every simulated and real client runs.
 
 Data stay resident on the device as tensors; batches are index slices (no DataLoader on the hot path).
-Plugins hook into the loop through :class:`~fedsim.clients.plugin_api.PluginStack` events.
+Plugins hook into the loop through :class:`~fedsim.clients.plugin_api.PluginStack` events; the
+docstring of :class:`~fedsim.clients.plugin_api.Event` shows, as pseudo-code of :func:`train_local`,
+where each event fires (keep the two in step).
 """
 
 from __future__ import annotations

@@ -35,13 +35,15 @@ def _quiet_flower() -> None:
 
 
 def _load(scenario: str, sets: list[str] | None, **direct: Any):
+    """Load, validate and resolve a scenario (every name checked before anything runs)."""
+    from fedsim.catalog import resolve
     from fedsim.config import load_scenario
 
     overrides = list(sets or [])
     for key, value in direct.items():
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    return load_scenario(scenario, overrides)
+    return resolve(load_scenario(scenario, overrides))
 
 
 @app.command()
@@ -140,13 +142,11 @@ def partition(
     fmt: Format = "text",
 ) -> None:
     """Show how SCENARIO's data is split across clients (label counts per client)."""
-    from fedsim.data.federation import label_counts, make_federation
+    from fedsim.data.federation import federation_of, label_counts
 
     scen = _load(scenario, set_)
     d = scen.data
-    fed = make_federation(dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner,
-                          partition=d.partition, options=d.options, test_fraction=d.test_fraction,
-                          server_labelled=d.server_labelled, seed=scen.run.seed)
+    fed = federation_of(scen)
     counts = label_counts(fed)
     if fmt == "json":
         print(json.dumps({"counts": counts.tolist(), "sizes": counts.sum(1).tolist()}))
@@ -187,10 +187,8 @@ def deploy(
 
 
 def _register_privacy() -> None:
-    try:
-        from fedsim.privacy.cli import privacy_app
-    except ImportError:  # privacy commands not installed yet
-        return
+    from fedsim.privacy.cli import privacy_app
+
     app.add_typer(privacy_app, name="privacy")
 
 

@@ -145,7 +145,9 @@ class FaultsConfig(_Section):
         "raise", description="raise: the ClientApp raises; exit: its process dies abruptly (os._exit on the "
         "deployment engine, a dead node on the local engine)")
     byzantine_clients: list[int] = Field(default_factory=list)
-    attack: Literal["none", "sign_flip", "gaussian", "ipm", "alie", "nan"] = "none"
+    attack: Literal["none", "sign_flip", "gaussian", "nan"] = Field(
+        "none", description="implemented attacks only (fedsim.faults.ATTACKS); a scenario asking for another "
+        "is refused, never run with honest clients")
 
 
 class RayConfig(_Section):
@@ -232,14 +234,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
 
 
 def scenario_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Scenario:
-    """Validate a raw dict (plus overrides) into a :class:`Scenario` and check registered names."""
+    """Validate a raw dict (plus overrides) into a :class:`Scenario`.
+
+    Values are checked here; registered names (strategy, plugins, dataset...) are checked by the
+    resolver step, ``fedsim.catalog.resolve``, which the entry points call."""
     raw = {k: v for k, v in raw.items() if k != "meta"}  # a run directory's config.toml has [meta]
     data = apply_overrides(raw, overrides)
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as err:
         raise _to_config_error(err) from None
-    check_names(scenario)
     return scenario
 
 
@@ -275,10 +279,3 @@ def _drop_none(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
     return d
-
-
-def check_names(scenario: Scenario) -> None:
-    """Resolve every registered name now, so a typo fails before the run starts."""
-    from fedsim.catalog import check_scenario_names
-
-    check_scenario_names(scenario)

@@ -1,7 +1,7 @@
 """Typed errors. Every message says what went wrong, why, and how to fix it.
 
-The CLI maps each class to its own exit code (``EXIT_CODES``) and prints one line plus the hint,
-never a traceback, for these user-facing errors.
+Each class carries its own process exit code in ``exit_code``; the CLI exits with ``err.exit_code``
+and prints one line plus the hint, never a traceback, for these user-facing errors.
 """
 
 from __future__ import annotations
@@ -95,21 +95,3 @@ class EngineError(FedSimError):
     """An engine (Ray, deployment) failed to start or its run did not complete."""
 
     exit_code = 9
-
-
-EXIT_CODES: dict[type[FedSimError], int] = {
-    cls: cls.exit_code
-    for cls in (
-        FedSimError,
-        ConfigError,
-        UnknownNameError,
-        DataError,
-        AggregationError,
-        ClientUpdateError,
-        ClientFailure,
-        QuorumError,
-        PrivacyBudgetExceeded,
-        IncompatibleModelError,
-        EngineError,
-    )
-}

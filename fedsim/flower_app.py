@@ -8,12 +8,13 @@ rebuilds the scenario from that text, so the same two objects run unchanged on e
 
 from __future__ import annotations
 
-from fedsim.catalog import load_all
+from fedsim.catalog import registries
 from fedsim.clients.client_app import build_client_app
 from fedsim.server import build_server_app
 
-# Register every strategy's client tasks (``train.<task>``) before the ClientApp is built.
-load_all()
+# Fill every registry (strategies' client tasks ``train.<task>`` included) before the ClientApp is
+# built; the ServerApp resolves the scenario it reads from the run config.
+registries()
 
 server_app = build_server_app()
 client_app = build_client_app()

@@ -48,14 +48,3 @@ def _check_type(key: str, default: Any, value: Any) -> None:
         return
     if not ok:
         raise ConfigError(key, f"expected {want}, got {value!r}")
-
-
-def describe(cls: type) -> dict[str, Any]:
-    """Option names and defaults of a dataclass (for ``fedsim list``)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-    return out

@@ -114,13 +114,10 @@ class RunRecorder:
                      json.dumps({"round": server_round, "file": path.name}))
         return path
 
-    def finish(self, summary: dict[str, Any], plots: bool = True) -> dict[str, Any]:
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write ``summary.json`` (with wall time and run directory) and return it."""
         summary = {**summary, "wall_time_s": round(time.time() - self.started, 3), "run_dir": str(self.dir)}
         atomic_write(self.dir / "summary.json", json.dumps(_jsonable(summary), indent=2, sort_keys=True))
-        if plots and self.rows:
-            from fedsim.plots import plot_run
-
-            plot_run(self.dir)
         return summary
 
 

@@ -18,10 +18,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.catalog import resolve
+from fedsim.clients.trainer import evaluate
 from fedsim.config import Scenario, loads_scenario
+from fedsim.data.federation import federation_of
 from fedsim.errors import FedSimError
 from fedsim.models import build_model, resolve_device
+from fedsim.privacy.ledger import build_ledger
+from fedsim.privacy.mechanisms import RoundOutcome
+from fedsim.results import RunRecorder
 from fedsim.rng import derive_seed
+from fedsim.strategies.base import FedSimStrategy, make_strategy
+from fedsim.wire import state_to_arrays
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 
@@ -30,13 +38,7 @@ class ServerRuntime:
     """Server-side model and data: the central test set (and the labelled split, if any)."""
 
     def __init__(self, scenario: Scenario) -> None:
-        from fedsim.data.federation import make_federation
-
-        d = scenario.data
-        self.federation = make_federation(
-            dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner, partition=d.partition,
-            options=d.options, test_fraction=d.test_fraction, server_labelled=d.server_labelled,
-            seed=scenario.run.seed)
+        self.federation = federation_of(scenario)
         ds = self.federation.dataset
         self.device = resolve_device(scenario.run.device)
         torch.set_num_threads(scenario.run.threads)
@@ -46,8 +48,6 @@ class ServerRuntime:
         self.y_test = torch.tensor(np.asarray(ds.y_test), dtype=torch.long, device=self.device)
 
     def initial_arrays(self) -> ArrayRecord:
-        from fedsim.clients.client_app import state_to_arrays
-
         return state_to_arrays(self.model)
 
     def load(self, arrays: ArrayRecord) -> torch.nn.Module:
@@ -55,8 +55,6 @@ class ServerRuntime:
         return self.model
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
-        from fedsim.clients.trainer import evaluate
-
         m = evaluate(self.load(arrays), self.x_test, self.y_test)
         return {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
 
@@ -64,20 +62,10 @@ class ServerRuntime:
 def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
                    engine: str | None = None, on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run the scenario's rounds on ``grid`` and write the run directory. Returns the summary."""
-    from fedsim.catalog import load_all
-    from fedsim.results import RunRecorder
-    from fedsim.strategies.base import make_strategy
-
-    load_all()
     strategy = make_strategy(scenario)
     server = ServerRuntime(scenario)
-    if hasattr(strategy, "attach_server"):
-        strategy.attach_server(server)
-    from fedsim.privacy.ledger import build_ledger
-
-    ledger = build_ledger(scenario, strategy, server)
-    if ledger is not None:
-        strategy.privacy = ledger
+    strategy.attach_server(server)
+    privacy = build_ledger(scenario, strategy.privacy_mechanisms(), server.federation)
     rec = RunRecorder(out_dir, scenario, engine)
     arrays = server.initial_arrays()
     rounds = scenario.run.rounds
@@ -90,7 +78,6 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
     completed = 0
     try:
         for rnd in range(1, rounds + 1):
-            privacy = getattr(strategy, "privacy", None)
             if privacy is not None:
                 privacy.before_round(rnd)  # raises PrivacyBudgetExceeded before any client works
             t0 = time.perf_counter()
@@ -115,7 +102,7 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
                                         if f.partition_id is not None and f.kind not in ("sat-out", "straggler"))
             rec.log_clients(_client_records(rnd, strategy))
             if privacy is not None:
-                records = privacy.after_round(rnd)
+                records = privacy.after_round(rnd, _outcome(strategy))
                 rec.log_privacy(records)
                 row.update({"epsilon": records[-1]["epsilon"]} if records else {})
                 row.update(privacy.released())
@@ -137,12 +124,21 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
                    "final": {k: v for k, v in last.items()},
                    "error": str(error) if error else None}
         summary = rec.finish(summary)
+        if rec.rows:
+            from fedsim.plots import plot_run  # matplotlib: imported only when a run has rows to draw
+
+            plot_run(rec.dir)
     return summary
 
 
-def _client_records(rnd: int, strategy: Any) -> list[dict[str, Any]]:
+def _outcome(strategy: FedSimStrategy) -> RoundOutcome:
+    return RoundOutcome(sampled=list(strategy.sampled), participants=[u.partition_id for u in strategy.last_updates],
+                        metrics={u.partition_id: dict(u.metrics) for u in strategy.last_updates})
+
+
+def _client_records(rnd: int, strategy: FedSimStrategy) -> list[dict[str, Any]]:
     out = []
-    for u in getattr(strategy, "last_updates", []):
+    for u in strategy.last_updates:
         private = ("partition-id", "num-examples", "label-counts")  # label counts are released only via DP
         out.append({"round": rnd, "client": u.partition_id, "node_id": u.node_id, "status": "ok",
                     "num_examples": u.num_examples, **{k: v for k, v in u.metrics.items() if k not in private}})
@@ -159,7 +155,7 @@ def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | Non
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        scen = scenario if scenario is not None else loads_scenario(str(context.run_config["scenario"]))
+        scen = scenario if scenario is not None else resolve(loads_scenario(str(context.run_config["scenario"])))
         out = out_dir or str(context.run_config.get("out-dir") or "") or default_run_dir(scen)
         summary = run_federation(grid, scen, out, engine=engine or scen.run.engine, on_round=on_round)
         if result is not None:
@@ -171,10 +167,3 @@ def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | Non
 def default_run_dir(scenario: Scenario) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(scenario.run.output) / f"{scenario.run.name}-{stamp}-s{scenario.run.seed}"
-
-
-def final_arrays(run_dir: str | Path) -> list[np.ndarray]:
-    from fedsim.results import load_checkpoint
-
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("round_*.npz"))
-    return load_checkpoint(ckpts[-1])["model"] if ckpts else []

@@ -44,10 +44,25 @@ def to_numpy(a: Array) -> np.ndarray:
 
 
 def _checked_slow(a: Array) -> np.ndarray:
-    arr = a.numpy()
-    if str(arr.dtype) != str(np.dtype(a.dtype)) or tuple(arr.shape) != tuple(a.shape):
+    """Parse with NumPy, then check the declared dtype and shape and that no bytes trail the array."""
+    import io
+
+    try:
+        declared = np.dtype(a.dtype)
+        buf = io.BytesIO(a.data)
+        version = np.lib.format.read_magic(buf)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        _, _, dtype = read_header(buf)
+        offset = buf.tell()
+        arr = a.numpy()
+    except Exception as err:  # a corrupt record must never stop the server
+        raise ValueError(f"Array record is not a readable .npy payload: {type(err).__name__}: {err}") from None
+    if str(arr.dtype) != str(declared) or tuple(arr.shape) != tuple(a.shape):
         raise ValueError(f"Array header says {a.dtype}{tuple(a.shape)} but its payload is "
                          f"{arr.dtype}{tuple(arr.shape)}")
+    if not dtype.hasobject and len(a.data) - offset != arr.nbytes:
+        raise ValueError(f"Array payload has {len(a.data) - offset} bytes after its header, {arr.nbytes} expected")
     return arr
 
 
@@ -72,3 +87,8 @@ def from_numpy(x: np.ndarray) -> Array:
         np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(x))
         header = _HEADERS.setdefault(key, b"\x93NUMPY\x01\x00" + buf.getvalue()[8:])
     return Array(dtype=str(x.dtype), shape=tuple(x.shape), stype="numpy.ndarray", data=header + x.tobytes())
+
+
+def state_to_arrays(model) -> ArrayRecord:
+    """A torch module's full state dict (buffers included) as an ArrayRecord of copied arrays."""
+    return ArrayRecord({k: from_numpy(v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items()})

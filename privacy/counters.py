@@ -199,6 +199,25 @@ class ContinualCounter:
         norm = float(np.linalg.norm(arr.ravel(), ord=self._norm_ord)) if arr.size else 0.0
         return arr if norm <= self.sensitivity else arr * (self.sensitivity / norm)
 
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs to continue the same stream with the same noise process (the
+        noise already drawn and the generator's state: keep checkpoints as private as the data)."""
+        return {"steps": self.steps, "sum": self._sum.tolist(), "rng": self.rng.bit_generator.state,
+                **self._noise_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self._sum = np.asarray(state["sum"], dtype=np.float64).reshape(self.shape)
+        self.rng.bit_generator.state = state["rng"]
+        self._load_noise_state(state)
+
+    def _noise_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_noise_state(self, state: dict[str, Any]) -> None:
+        return None
+
     # -- to implement ------------------------------------------------------------------------
     def _noise_step(self) -> np.ndarray:
         raise NotImplementedError
@@ -261,6 +280,13 @@ class BinaryTreeCounter(ContinualCounter):
     def _noise_step(self) -> np.ndarray:
         return self._tree.step()
 
+    def _noise_state(self) -> dict[str, Any]:
+        tree = self._tree.state_dict()
+        return {"tree": {**tree, "values": [np.asarray(v).tolist() for v in tree["values"]]}}
+
+    def _load_noise_state(self, state: dict[str, Any]) -> None:
+        self._tree.load_state_dict(state["tree"])
+
     def theoretical_variance(self, t: int) -> float:
         return int(t).bit_count() * self.node_variance
 
@@ -301,6 +327,13 @@ class SqrtFactorizationCounter(ContinualCounter):
         t = self.steps
         z[t - 1] = self.rng.standard_normal(self.shape) * self.node_scale
         return np.tensordot(self.coefficients[t - 1 :: -1], z[:t], axes=(0, 0))
+
+    def _noise_state(self) -> dict[str, Any]:
+        return {"z": self._history()[:self.steps].tolist()}
+
+    def _load_noise_state(self, state: dict[str, Any]) -> None:
+        z = np.asarray(state["z"], dtype=np.float64).reshape(-1, *self.shape)
+        self._history()[:len(z)] = z
 
     def release(self, stream: Any) -> np.ndarray:
         stream = np.asarray(stream, dtype=np.float64)

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accountants import ZCDPEvent, zcdp_to_epsilon
+from fedsim.privacy.analysis import zcdp_to_epsilon
 from fedsim.privacy.counters import TreeNoise, tree_levels
+from fedsim.privacy.events import ZCDPEvent
 from fedsim.rng import numpy_rng
 
 __all__ = [

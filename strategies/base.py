@@ -1,5 +1,5 @@
 """Common base of fedsim strategies: a ``flwr.serverapp.strategy.Strategy`` with the parts every
-algorithm needs and Flower leaves out.
+algorithm needs and Flower leaves out, as one template (Flower's ``Strategy`` is the anchor).
 
 * Nodes are mapped once to partition ids (``query.whoami``); sampling is seeded and done over
   partition ids, so results do not depend on random node ids, engine or reply order.
@@ -7,8 +7,30 @@ algorithm needs and Flower leaves out.
 * Every reply is validated (keys, shapes, dtypes, finiteness, weights) before aggregation; a bad
   reply, an error reply or a missing reply is recorded as a :class:`FailureRecord` and the round
   goes on without it.
-* Subclasses implement :meth:`aggregate` over validated :class:`ClientUpdate` objects, sorted by
-  partition id; strategy state that must survive a resume goes in ``state_dict``.
+
+``configure_train`` and ``aggregate_train`` are written once, here; an algorithm fills hooks:
+
+==========================  =============================================================
+hook                        when the template calls it (no-op / plain default)
+==========================  =============================================================
+``attach_server(server)``   once, before round 1, with the server runtime (model, data)
+``sample(round, grid)``     picks ``[(partition id, node)]`` for the round
+``train_config(round, p)``  extra config values of client ``p``'s train message
+``train_arrays(round, p)``  the model record sent to ``p`` (the global model by default)
+``train_records(round, p)`` further records of ``p``'s message (e.g. older model versions)
+``before_send(round, ...)`` last look at the round's messages (SemiFL's static-BN exchange)
+``parse_reply(...)``        a reply's content → the arrays ``aggregate`` gets
+``min_replies()``           valid replies the round needs (the quorum), 0 = none
+``aggregate(round, ups)``   validated updates, sorted by partition id → new global arrays
+                            (``None``: the model stays as it is this round)
+``train_metrics(ups)``      the round's metrics
+``privacy_mechanisms()``    the DP mechanisms the strategy owns, for the run's ledger
+``state_dict()``            strategy state that a resume needs
+==========================  =============================================================
+
+After each round ``last_updates`` holds the updates that counted and ``failures`` every client
+that did not (error, timeout, invalid, sat-out, straggler) and round-level failures (quorum,
+aggregation).
 """
 
 from __future__ import annotations
@@ -29,11 +51,11 @@ from fedsim.errors import AggregationError, ClientUpdateError, ConfigError, Quor
 from fedsim.options import build_options
 from fedsim.registry import Registry
 from fedsim.rng import numpy_rng
+from fedsim.clients.tasks import PLUGINS_KEY
+from fedsim.strategies.replies import expect_array, expect_count
 from fedsim.wire import from_numpy, to_numpy
 
 STRATEGIES: Registry = Registry("strategy")
-
-MAX_NUM_EXAMPLES = 10**9
 
 
 def register_strategy(cls):
@@ -58,7 +80,7 @@ class FailureRecord:
     round: int
     partition_id: int | None
     node_id: int
-    kind: str  # "error" | "timeout" | "invalid" | "unreachable"
+    kind: str  # client: error | timeout | invalid | sat-out | straggler; round: quorum | aggregation
     reason: str
 
     def to_json(self) -> dict[str, Any]:
@@ -79,8 +101,10 @@ class FedSimStrategy(Strategy):
     train_action: ClassVar[str] = "train"
     #: client plugins this strategy needs (enabled on clients automatically)
     client_plugins: ClassVar[tuple[str, ...]] = ()
-    #: keys the reply's ArrayRecord must carry (``None`` = exactly the global model's keys)
+    #: name of the reply's ArrayRecord holding the model (its keys must be the global model's)
     reply_array_key: ClassVar[str] = "arrays"
+    #: smallest ``num-examples`` a valid reply may report
+    min_num_examples: ClassVar[int] = 1
 
     def __init__(self, scenario: Scenario, options: Any | None = None) -> None:
         self.scenario = scenario
@@ -100,6 +124,8 @@ class FedSimStrategy(Strategy):
         self.sampled: list[int] = []  # partition ids sampled this round
         self.last_updates: list[ClientUpdate] = []
         self._sent: list[Message] = []
+        #: client plugins of a train round, sent in its config (``plugins``)
+        self.plugin_list = ",".join(self.plugin_names(scenario))
 
     # ------------------------------------------------------------------ node directory / sampling
     def discover(self, grid: Grid) -> None:
@@ -136,15 +162,19 @@ class FedSimStrategy(Strategy):
                 )
             time.sleep(0.5)
 
+    def sample_size(self, fraction: float | None = None) -> int:
+        """Clients per round: ``max(floor(fraction·N), min_train_clients)``, at most N."""
+        frac = self.fraction_train if fraction is None else fraction
+        want = max(int(math.floor(frac * self.num_partitions)), self.min_train_clients)
+        return min(want, self.num_partitions)
+
     def sample(self, server_round: int, grid: Grid, fraction: float | None = None) -> list[tuple[int, int]]:
         """Seeded sample of ``max(floor(fraction·N), min_train_clients)`` clients: ``[(pid, node)]``.
 
         Waits (up to the deadline) until at least ``min_train_clients`` nodes are reachable, then
         samples among the reachable ones; dead nodes are simply not sampled.
         """
-        frac = self.fraction_train if fraction is None else fraction
-        want = max(int(math.floor(frac * self.num_partitions)), self.min_train_clients)
-        want = min(want, self.num_partitions)
+        want = self.sample_size(fraction)
         by_pid = self.available(grid, min(self.min_train_clients, want))
         pids = sorted(by_pid)
         rng = numpy_rng(self.seed, "sample", server_round)
@@ -157,14 +187,17 @@ class FedSimStrategy(Strategy):
         self.set_global(arrays)
         self.failures = []
         self.last_updates = []
+        self.prepare_round(server_round)
         picks = self.sample(server_round, grid)
         self.sampled = [p for p, _ in picks]
         msgs = []
         for pid, node in picks:
-            cfg = ConfigRecord({**dict(config), "server-round": server_round,
+            cfg = ConfigRecord({**dict(config), "server-round": server_round, PLUGINS_KEY: self.plugin_list,
                                 **self.train_config(server_round, pid)})
-            content = RecordDict({"arrays": self.train_arrays(server_round, pid, arrays), "config": cfg})
+            content = RecordDict({"arrays": self.train_arrays(server_round, pid, arrays), "config": cfg,
+                                  **self.train_records(server_round, pid)})
             msgs.append(Message(content, dst_node_id=node, message_type=self.train_action))
+        msgs = self.before_send(server_round, msgs, grid)
         self._sent = msgs
         return msgs
 
@@ -172,19 +205,20 @@ class FedSimStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = self.collect(server_round, list(replies))
         self.last_updates = updates
-        quorum = math.ceil(self.scenario.run.quorum * max(len(self.sampled), 1))
-        if len(updates) < max(quorum, 1):
-            self.failures.append(FailureRecord(server_round, None, 0, "quorum",
-                                               f"{len(updates)} valid replies < quorum {quorum}; "
-                                               "model left unchanged this round"))
+        need = self.min_replies()
+        if len(updates) < need:
+            self.record_failure(server_round, None, "quorum", f"{len(updates)} valid replies < quorum {need}; "
+                                "model left unchanged this round")
             return None, MetricRecord({"num-clients": len(updates), "quorum-failed": 1})
         try:
             new = self.aggregate(server_round, updates)
         except AggregationError as err:
-            self.failures.append(FailureRecord(server_round, None, 0, "aggregation", str(err)))
+            self.record_failure(server_round, None, "aggregation", str(err))
             return None, MetricRecord({"num-clients": len(updates), "aggregation-failed": 1})
-        self.current = [np.asarray(a) for a in new]
-        return self.to_record(self.current), MetricRecord(self.train_metrics(updates))
+        if new is not None:
+            self.current = [np.asarray(a) for a in new]
+        metrics = MetricRecord(self.train_metrics(self.last_updates))
+        return (self.to_record(self.current) if new is not None else None), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -206,6 +240,23 @@ class FedSimStrategy(Strategy):
         return None
 
     # ------------------------------------------------------------------ hooks for subclasses
+    @classmethod
+    def plugin_names(cls, scenario: Scenario) -> list[str]:
+        """Client plugins of a plain train round: the scenario's, then this strategy's, then DP-SGD."""
+        names = list(scenario.client.plugins)
+        names += [p for p in cls.client_plugins if p not in names]
+        if scenario.privacy.mechanism == "dp-sgd" and "dp_sgd" not in names:
+            names.append("dp_sgd")
+        return names
+
+    def attach_server(self, server: Any) -> None:
+        """Called once before round 1 with the server runtime (model, test and labelled data)."""
+        return None
+
+    def prepare_round(self, server_round: int) -> None:
+        """Called at the start of ``configure_train``, after the global model is set."""
+        return None
+
     def train_config(self, server_round: int, partition_id: int) -> dict[str, Any]:
         """Extra per-client config values sent with the train message."""
         return {}
@@ -214,8 +265,25 @@ class FedSimStrategy(Strategy):
         """Arrays sent to one client (the global model by default)."""
         return arrays
 
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
+    def train_records(self, server_round: int, partition_id: int) -> dict[str, ArrayRecord]:
+        """Further records of one client's train message, by name (none by default)."""
+        return {}
+
+    def before_send(self, server_round: int, msgs: list[Message], grid: Grid) -> list[Message]:
+        """The round's train messages, just before they are sent (unchanged by default)."""
+        return msgs
+
+    def min_replies(self) -> int:
+        """Valid replies the round needs before :meth:`aggregate` runs (``run.quorum`` of the sample)."""
+        return max(math.ceil(self.scenario.run.quorum * max(len(self.sampled), 1)), 1)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray] | None:
         raise NotImplementedError
+
+    def privacy_mechanisms(self) -> list[Any]:
+        """The DP mechanisms this strategy owns (sampling, noise and accounting event together);
+        the run's ledger composes what they report."""
+        return []
 
     def parse_reply(self, content: RecordDict, metrics: dict[str, Any], pid: int) -> list[np.ndarray]:
         """Turn a reply's content into the arrays :meth:`aggregate` gets, or raise
@@ -223,41 +291,17 @@ class FedSimStrategy(Strategy):
         if self.reply_array_key not in content.array_records:
             raise ClientUpdateError(pid, self.reply_array_key, "missing from the reply",
                                     "the client task must return an ArrayRecord under this key")
-        return self.validate_arrays(content.array_records[self.reply_array_key], pid)
-
-    def validate_arrays(self, u_arrays: ArrayRecord, pid: int) -> list[np.ndarray]:
-        """Check a reply's arrays against the global model: same keys, shapes, dtypes; all finite."""
-        keys = list(u_arrays.keys())
+        keys = list(content.array_records[self.reply_array_key].keys())
         if keys != self.keys:
             missing = sorted(set(self.keys) - set(keys))
             extra = sorted(set(keys) - set(self.keys))
-            raise ClientUpdateError(pid, "arrays", f"keys differ from the global model (missing {missing[:3]}, "
-                                    f"unexpected {extra[:3]})", "the client must return the full state dict")
-        out = []
-        for k, ref in zip(self.keys, self.current):
-            try:
-                a = to_numpy(u_arrays[k])
-            except ValueError as err:
-                raise ClientUpdateError(pid, f"arrays.{k}", str(err), "the record is corrupt") from None
-            if a.shape != ref.shape:
-                raise ClientUpdateError(pid, f"arrays.{k}", f"shape {a.shape} != global {ref.shape}",
-                                        "client and server must build the same model")
-            if a.dtype.kind != ref.dtype.kind:
-                raise ClientUpdateError(pid, f"arrays.{k}", f"dtype {a.dtype} != global {ref.dtype}")
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise ClientUpdateError(pid, f"arrays.{k}", "contains NaN or Inf",
-                                        "lower the learning rate or check the client's data")
-            out.append(a)
-        return out
+            raise ClientUpdateError(pid, self.reply_array_key, f"keys differ from the global model (missing "
+                                    f"{missing[:3]}, unexpected {extra[:3]})", "the client must return the full state dict")
+        return [expect_array(content, pid, self.reply_array_key, k, kind=ref.dtype.kind, shape=ref.shape)
+                for k, ref in zip(self.keys, self.current)]
 
     def validate_weight(self, metrics: dict[str, Any], pid: int) -> int:
-        n = metrics.get("num-examples")
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or n > MAX_NUM_EXAMPLES:
-            raise ClientUpdateError(pid, "metrics.num-examples", f"must be an integer in 1..{MAX_NUM_EXAMPLES}, "
-                                    f"got {n!r}", "report the local training-set size")
-        return n
+        return expect_count(metrics, pid, "num-examples", self.min_num_examples)
 
     # ------------------------------------------------------------------ helpers
     def set_global(self, arrays: ArrayRecord) -> None:
@@ -266,6 +310,10 @@ class FedSimStrategy(Strategy):
 
     def to_record(self, arrays: list[np.ndarray]) -> ArrayRecord:
         return ArrayRecord({k: from_numpy(a) for k, a in zip(self.keys, arrays)})
+
+    def record_failure(self, server_round: int, pid: int | None, kind: str, reason: str, node: int = 0) -> None:
+        """Record a client (``pid``) or round-level (``pid=None``) failure of this round."""
+        self.failures.append(FailureRecord(server_round, pid, node, kind, reason))
 
     def collect(self, server_round: int, replies: list[Message]) -> list[ClientUpdate]:
         """Validate replies; record errors, invalid and missing replies; return updates sorted by pid."""

@@ -8,18 +8,21 @@ Each client update ``Δ_i = w_i − w`` (float tensors, buffers included) is cli
 per layer with bounds summing in quadrature to C), the clipped updates are averaged with uniform
 weights over a **fixed denominator** (the expected number of sampled clients, so dropouts do not
 shrink the noise relative to the sensitivity), and ``N(0, (zC/m)²)`` is added. Clients are sampled
-by Poisson sampling with rate ``fraction_train`` (accounted as a Poisson-subsampled Gaussian) or as
-a fixed-size sample without replacement (accounted with replace-one neighbours). Settings come from
-``[privacy]``: ``noise_multiplier``, ``clip_norm``, ``clipping``, ``client_sampling``,
-``adaptive_clipping``, ``target_quantile``, ``clip_lr``, ``count_noise``.
+by Poisson sampling with rate ``fraction_train`` or as a fixed-size sample without replacement; the
+strategy's :class:`~fedsim.privacy.mechanisms.ClientLevelMechanism` holds the noise multiplier, the
+rate and the sample size, and its accounting event (Poisson-subsampled Gaussian, or replace-one
+neighbours for fixed size) is what the ledger composes. Settings come from ``[privacy]``:
+``noise_multiplier``, ``clip_norm``, ``clipping``, ``client_sampling``, ``adaptive_clipping``,
+``target_quantile``, ``clip_lr``, ``count_noise``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedsim.privacy.clipping import (adaptive_noise_multiplier, dp_fedavg_aggregate, per_layer_bounds,
-                                     update_clip_norm)
+from fedsim.privacy.clipping import (adaptive_noise_multiplier, dp_fedavg_aggregate, gaussian_noise_for_sum,
+                                     per_layer_bounds, update_clip_norm)
+from fedsim.privacy.mechanisms import ClientLevelMechanism
 from fedsim.rng import numpy_rng
 from fedsim.strategies.base import (ClientUpdate, FedSimStrategy, ServerStepOptions, register_strategy,
                                     require_mechanism)
@@ -44,40 +47,39 @@ class DPFedAvg(FedSimStrategy):
         super().__init__(scenario, options)
         require_mechanism(scenario, self.name, "dp-fedavg")
         p = self.p = scenario.privacy
+        self.mechanism = ClientLevelMechanism(p.noise_multiplier, p.client_sampling, self.fraction_train,
+                                              super().sample_size(), self.num_partitions, p.accountant)
         self.clip_norm = p.clip_norm
-        self.expected_m = max(1, round(self.fraction_train * self.num_partitions)) \
-            if p.client_sampling == "poisson" else None
+        self.expected_m = max(1, round(self.mechanism.rate * self.num_partitions)) \
+            if self.mechanism.sampling == "poisson" else None
+        self.last_round: dict[str, float] = {}
+
+    def privacy_mechanisms(self):
+        return [self.mechanism]
+
+    def sample_size(self, fraction=None) -> int:
+        return self.mechanism.sample_size if fraction is None else super().sample_size(fraction)
 
     def sample(self, server_round, grid, fraction=None):
-        if self.p.client_sampling != "poisson" or fraction is not None:
+        if self.mechanism.sampling != "poisson" or fraction is not None:
             return super().sample(server_round, grid, fraction)
         by_pid = self.available(grid, 1)
-        rng = numpy_rng(self.seed, "poisson-sample", server_round)
-        keep = rng.random(self.num_partitions) < self.fraction_train
+        keep = self.mechanism.poisson_sample(numpy_rng(self.seed, "poisson-sample", server_round))
         return [(p, by_pid[p]) for p in range(self.num_partitions) if keep[p] and p in by_pid]
 
     def denominator(self) -> int:
         return self.expected_m if self.expected_m is not None else max(len(self.sampled), 1)
 
-    def float_index(self) -> list[int]:
-        return [i for i, g in enumerate(self.current) if g.dtype.kind == "f"]
-
-    def aggregate_train(self, server_round, replies):
-        if not self.sampled:  # an empty Poisson sample still releases noise (and is accounted)
-            self.last_updates = []
-            return self._apply(server_round, []), None
-        return super().aggregate_train(server_round, replies)
+    def min_replies(self) -> int:
+        # an empty Poisson sample still releases noise (and is accounted)
+        return super().min_replies() if self.sampled else 0
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        self._apply(server_round, updates)
-        return self.current
-
-    def _apply(self, server_round, updates):
-        idx = self.float_index()
+        idx = [i for i, g in enumerate(self.current) if g.dtype.kind == "f"]
         deltas = [[u.arrays[i].astype(np.float64) - self.current[i] for i in idx] for u in updates]
         shapes = [self.current[i].shape for i in idx]
         m = self.denominator()
-        z = self.p.noise_multiplier
+        z = self.mechanism.noise_multiplier
         sigma_b = self.p.count_noise or m / 20.0
         if self.p.adaptive_clipping:
             z = adaptive_noise_multiplier(z, sigma_b) if z > 0 else 0.0
@@ -88,8 +90,6 @@ class DPFedAvg(FedSimStrategy):
                                       layer_bounds=bounds)
             mean, norms = agg.update, agg.norms
         else:
-            from fedsim.privacy.clipping import gaussian_noise_for_sum
-
             mean = [n / m for n in gaussian_noise_for_sum(shapes, z * self.clip_norm, rng)]
             norms = []
         self.last_round = {"clip_norm": self.clip_norm, "noise_std": z * self.clip_norm / m,
@@ -102,12 +102,13 @@ class DPFedAvg(FedSimStrategy):
         out = list(self.current)
         for i, d in zip(idx, mean):
             out[i] = (self.current[i] + self.options.server_lr * d).astype(self.current[i].dtype)
-        self.current = out
-        return self.to_record(out)
+        return out
 
     def train_metrics(self, updates):
+        if not self.sampled:
+            return {}  # nothing was sampled: the round released noise only
         out = super().train_metrics(updates)
-        out.update({f"dp/{k}": v for k, v in getattr(self, "last_round", {}).items()})
+        out.update({f"dp/{k}": v for k, v in self.last_round.items()})
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -116,4 +117,3 @@ class DPFedAvg(FedSimStrategy):
     def load_state_dict(self, state) -> None:
         if "clip_norm" in state:
             self.clip_norm = float(state["clip_norm"])
-

@@ -6,12 +6,14 @@ permutation of all clients cut into rounds of ``m`` clients, so every client con
 once per epoch. The server keeps the running sum of the clipped client updates (each clipped to
 ``C``), releases it with binary-tree noise ``N(0, (zC)²)`` per tree node
 (``fedsim.privacy.dp_ftrl.DPFTRLNoise``, with restarts and tree completion), and sets
-``w_t = w_0 + server_lr · S̃_t / m``. Accounting is ρ-zCDP (``dp_ftrl_rho``); with no noise and
-no clipping this is exactly FedAvg with uniform weights.
+``w_t = w_0 + server_lr · S̃_t / m``. Accounting is ρ-zCDP (``dp_ftrl_rho``) by the strategy's
+:class:`~fedsim.privacy.mechanisms.DPFTRLMechanism`, which also holds the noise multiplier the tree
+uses; with no noise and no clipping this is exactly FedAvg with uniform weights.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from fedsim.privacy.clipping import clip_flat
 from fedsim.privacy.dp_ftrl import DPFTRLNoise
+from fedsim.privacy.mechanisms import DPFTRLMechanism
 from fedsim.rng import derive_seed, numpy_rng
 from fedsim.strategies.base import (ClientUpdate, FedSimStrategy, ServerStepOptions, register_strategy,
                                     require_mechanism)
@@ -41,8 +44,9 @@ class DPFTRL(FedSimStrategy):
         self.m = max(self.min_train_clients, int(math.floor(self.fraction_train * self.num_partitions)))
         self.m = min(self.m, self.num_partitions)
         self.rounds_per_epoch = self.num_partitions // self.m
+        self.mechanism = DPFTRLMechanism(p.noise_multiplier, self.rounds_per_epoch, p.ftrl_restart_every)
         restart = p.ftrl_restart_every * self.rounds_per_epoch if p.ftrl_restart_every else None
-        self.noise = DPFTRLNoise(p.noise_multiplier, p.clip_norm, restart_every=restart, efficient=self.options.efficient,
+        self.noise = DPFTRLNoise(self.mechanism.noise_multiplier, p.clip_norm, restart_every=restart, efficient=self.options.efficient,
                                  seed=None if p.secure_rng else derive_seed(scenario.run.seed, "dp-ftrl"))
         self.w0: list[np.ndarray] | None = None
 
@@ -71,13 +75,32 @@ class DPFTRL(FedSimStrategy):
             out[i] = (self.w0[j] + self.options.server_lr * noisy_sum[j] / self.m).astype(self.current[i].dtype)
         return out
 
-    def rho(self, rounds: int) -> float:
-        """ρ-zCDP after ``rounds`` rounds: every client in every started epoch, once."""
-        from fedsim.privacy.dp_ftrl import dp_ftrl_rho
-
-        epochs = math.ceil(rounds / self.rounds_per_epoch)
-        restart = self.p.ftrl_restart_every or None
-        return dp_ftrl_rho(self.p.noise_multiplier, self.rounds_per_epoch, epochs, restart)
+    def privacy_mechanisms(self):
+        return [self.mechanism]
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {}
+        """The start point ``w_0`` and the noise tree (its drawn noise and position)."""
+        if self.w0 is None:
+            return {}
+        state = {f"w0.{j}": w for j, w in enumerate(self.w0)}
+        state["noise"] = np.frombuffer(json.dumps(_jsonable(self.noise.state_dict())).encode(), dtype=np.uint8)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        w0 = {int(k.split(".", 1)[1]): np.asarray(v, dtype=np.float64) for k, v in state.items()
+              if k.startswith("w0.")}
+        self.w0 = [w0[j] for j in sorted(w0)] if w0 else None
+        if "noise" in state:
+            self.noise.load_state_dict(json.loads(bytes(np.asarray(state["noise"], dtype=np.uint8)).decode()))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

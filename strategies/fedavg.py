@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.strategies.aggregation import weighted_mean
+from fedsim.strategies.fedavg_math import weighted_mean
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, ServerStepOptions, register_strategy
 
 

@@ -5,7 +5,7 @@ Decomposition", MICCAI 2024 (arXiv 2408.12300); reference code Zeng-Shuang/FedLD
 
 Server: per state-dict key (BatchNorm buffers included) the clients' updates are projected on the
 top ``floor(m·kappa)`` eigen-directions of their Gram matrix, sign-aligned by majority and rescaled
-to preserve each client's norm (``fedsim.strategies.fedld_aggregation``); the first time a key is
+to preserve each client's norm (``fedsim.strategies.fedld_math``); the first time a key is
 seen, and for scalar buffers, the plain unweighted mean is used. The result does not depend on
 ``num-examples``. Client: cross-entropy plus ``lam·log(1+||softmax||²)`` (the ``fedld_margin``
 plugin, enabled automatically; the server sends ``fedld-lambda`` each round).
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
-from fedsim.strategies.fedld_aggregation import FedLDAggregator
+from fedsim.strategies.fedld_math import FedLDAggregator
 
 
 @register_strategy

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.strategies.aggregation import fedopt_step, weighted_mean
+from fedsim.strategies.fedavg_math import fedopt_step, weighted_mean
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsim.errors import AggregationError
-from fedsim.strategies.aggregation import coordinate_median, multi_krum, trimmed_mean
+from fedsim.strategies.fedavg_math import coordinate_median, multi_krum, trimmed_mean
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
 
 
@@ -63,6 +63,5 @@ class Krum(FedSimStrategy):
                 f"Krum needs more than 2f+2 = {2 * f + 2} updates, got {m}",
                 "sample more clients per round or lower strategy.num_malicious",
             )
-        agg, chosen = multi_krum([u.arrays for u in updates], f, self.options.num_selected)
-        self.last_selected = [updates[i].partition_id for i in chosen]
+        agg, _ = multi_krum([u.arrays for u in updates], f, self.options.num_selected)
         return agg

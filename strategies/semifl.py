@@ -30,14 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedsim.clients.augment import mixup, sample_beta, strong_augment, weak_augment
-from fedsim.clients.client_app import CLIENT_TASKS, ClientCall, state_to_arrays
+from fedsim.clients.tasks import CLIENT_TASKS, ClientCall
 from fedsim.errors import ConfigError
 from fedsim.rng import torch_generator
 from fedsim.strategies.base import FedSimStrategy, register_strategy
 from fedsim.strategies.semifl_math import ServerMomentum, is_averaged_key, pseudo_label
+from fedsim.wire import from_numpy, state_to_arrays, to_numpy
 
 
 def _sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -161,10 +162,6 @@ def semifl_bn_client(call: ClientCall) -> RecordDict:
             arrays[f"{name}.mean_sum"] = m.detach().cpu().numpy()
             arrays[f"{name}.var_sum"] = v.detach().cpu().numpy()
         counts[f"{name}.batches"] = int(b)
-    from flwr.app import ArrayRecord
-
-    from fedsim.wire import from_numpy
-
     return RecordDict({"bn": ArrayRecord({k: from_numpy(a) for k, a in arrays.items()}),
                        "metrics": call.reply_metrics(**{"num-examples": int(x.shape[0])}, **counts)})
 
@@ -220,14 +217,16 @@ class SemiFL(FedSimStrategy):
         return {"semifl-tau": float(o.tau), "semifl-lambda": float(o.lam), "semifl-alpha": float(o.alpha),
                 "semifl-lr": float(o.lr), "semifl-weight-decay": float(o.weight_decay), "semifl-flip": bool(o.flip)}
 
-    def configure_train(self, server_round, arrays, config, grid):
-        if self.options.server_only:
-            self.set_global(arrays)
-            self.failures, self.last_updates, self.sampled, self._sent = [], [], [], []
-            return []
-        msgs = list(super().configure_train(server_round, arrays, config, grid))
-        if self.options.sbn and self.server is not None and _bn_layers(self.server.model):
-            arrays = self._static_bn(server_round, arrays, grid, [m.metadata.dst_node_id for m in msgs])
+    def sample(self, server_round, grid, fraction=None):
+        if self.options.server_only and fraction is None:
+            return []  # the partially supervised baseline: the server trains alone
+        return super().sample(server_round, grid, fraction)
+
+    def before_send(self, server_round, msgs, grid):
+        """Static BN: the model sent carries BN statistics of the server's and the sampled clients' data."""
+        if msgs and self.options.sbn and self.server is not None and _bn_layers(self.server.model):
+            arrays = self._static_bn(server_round, msgs[0].content["arrays"], grid,
+                                     [m.metadata.dst_node_id for m in msgs])
             for m in msgs:
                 m.content["arrays"] = arrays
         return msgs
@@ -238,8 +237,6 @@ class SemiFL(FedSimStrategy):
         cfg = ConfigRecord({"server-round": server_round})
         ask = [Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=n, message_type="train.semifl_bn")
                for n in nodes]
-        from fedsim.wire import to_numpy
-
         for r in grid.send_and_receive(ask, timeout=self.timeout):
             if r.has_error():
                 continue
@@ -254,24 +251,25 @@ class SemiFL(FedSimStrategy):
                     one[name] = [0.0, 0.0, 0]
             sums.append(one)
         apply_bn_statistics(model, sums)
-        from fedsim.clients.client_app import state_to_arrays as to_arrays
+        return state_to_arrays(model)
 
-        return to_arrays(model)
+    def min_replies(self) -> int:
+        return 0  # the server fine-tunes even when every client sat out
 
-    def aggregate_train(self, server_round, replies):
-        updates = self.collect(server_round, list(replies))
-        self.last_updates = updates
+    def aggregate(self, server_round, updates):
         glob = dict(zip(self.keys, self.current))
         if updates:
             clients = [dict(zip(self.keys, u.arrays)) for u in updates]
             glob = self.momentum.step(glob, clients, keys=[k for k in self.keys if is_averaged_key(k)])
         new = self._fine_tune(server_round, glob)
-        self.current = [new[k] for k in self.keys]
+        return [new[k] for k in self.keys]
+
+    def train_metrics(self, updates):
         metrics: dict[str, float | int] = {"num-clients": len(updates),
                                            "sat-out": sum(1 for f in self.failures if f.kind == "sat-out")}
         if updates:
-            metrics.update(self.train_metrics(updates))
-        return self.to_record(self.current), MetricRecord(metrics)
+            metrics.update(super().train_metrics(updates))
+        return metrics
 
     def _fine_tune(self, server_round: int, glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model = self.server.model

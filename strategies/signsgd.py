@@ -1,41 +1,14 @@
 """Noisy signSGD with majority vote (``signsgd``) and noisy medianSGD (``mediansgd``).
 
-Reference
----------
 Chen, Chen, Sun, Wu, Hong, "Distributed Training with Heterogeneous Data: Bridging Median- and
-Mean-Based Algorithms", NeurIPS 2020 (arXiv 1906.01736). No official code; spec
-``server-algorithms.md`` section 3. The pure math lives in
-:mod:`fedsim.strategies.signsgd_aggregation`; this module wires it into Flower.
+Mean-Based Algorithms", NeurIPS 2020 (arXiv 1906.01736); spec ``server-algorithms.md`` section 3.
 
-Algorithm (one round = one gradient step, the FedSGD regime the theory covers)
------------------------------------------------------------------------------
-* Client (task ``train.noisy_gradient``): load the received model, compute ONE gradient ``g`` of
-  the mean cross-entropy on its whole local data set (``batch_size = 0``, the paper's full-batch
-  setting) or on a seeded mini-batch, flattened over the model's trainable parameters (in
-  ``named_parameters`` order). Perturb it, ``g~ = g + b xi`` with ``xi ~ N(0, I)`` drawn from
-  ``numpy_rng(seed, "gradient-noise", round, client)``, then send
-
-  - signSGD: ``sign(g~)`` packed 1 bit per coordinate (``ceil(d / 8)`` uint8 bytes, ArrayRecord
-    ``signs``, array ``packed``; bit 1 = positive, little bit order, zero padding bits);
-  - medianSGD: ``g~`` as float32 (ArrayRecord ``noisy``, array ``g``; ``4 d`` bytes).
-
-  The reply metrics carry ``uplink-bytes`` (payload bytes), ``train_loss`` and ``grad-norm``.
-* Server: validate every reply (record present, dtype, length, padding bits, finiteness), take the
-  majority vote (ties give 0) or the coordinate-wise median, and step
-  ``x <- x - delta_t * direction`` with ``delta_t = delta * decay^(t-1)``. Only trainable
-  parameters move; integer buffers are never touched. The round's metrics include the total
-  ``uplink-bytes`` of the accepted replies.
-
-Exact zeros with ``b = 0``
---------------------------
-A 1-bit message cannot carry ``sign(0) = 0``. Plain signSGD (``b = 0``) meets exact zeros, e.g.
-the weights of pixels that are blank in every image. Option ``zero`` says what they become:
-``"random"`` (default: a seeded +-1, unbiased) or ``"positive"`` (+1, as ``signum``-style
-implementations do). With ``b > 0`` zeros have probability 0.
-
-Restrictions: gradients of a model with BatchNorm statistics or dropout are rejected
-(``ConfigError``): the server cannot update running statistics from gradients, and dropout would
-draw from an unseeded global generator.
+One round is one gradient step. Each client (task ``train.noisy_gradient``) sends one gradient of
+its local data at the received model, perturbed as ``g + b xi``: its signs packed 1 bit per
+coordinate (signSGD) or the float32 vector (medianSGD). The server takes the majority vote or
+the coordinate-wise median (:mod:`fedsim.strategies.signsgd_math`) and steps
+``x <- x - delta_t * direction``. Wire format, exact zeros and restrictions:
+``strategies/README.md``, section "signsgd / mediansgd".
 """
 
 from __future__ import annotations
@@ -48,12 +21,14 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from fedsim.clients.client_app import CLIENT_TASKS, ClientCall
+from fedsim.clients.tasks import CLIENT_TASKS, ClientCall
 from fedsim.config import Scenario
 from fedsim.errors import ClientUpdateError, ConfigError
-from fedsim.rng import derive_seed, numpy_rng
+from fedsim.rng import numpy_rng
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
-from fedsim.strategies.signsgd_aggregation import (
+from fedsim.strategies.gradients import ParamLayout, check_gradient_model, flat_gradient
+from fedsim.strategies.replies import expect_array
+from fedsim.strategies.signsgd_math import (
     coordinate_median,
     noisy_sign,
     pack_signs,
@@ -62,111 +37,15 @@ from fedsim.strategies.signsgd_aggregation import (
     server_step,
     vote_packed,
 )
-from fedsim.wire import from_numpy, to_numpy
+from fedsim.wire import from_numpy
 
-__all__ = ["MedianSGD", "ParamLayout", "SignSGD", "check_gradient_model", "flat_gradient"]
-
-
-# ---------------------------------------------------------------------------------------------
-# shared by the gradient strategies (also used by fedsim.strategies.coded)
-@dataclass(frozen=True)
-class ParamLayout:
-    """Where the flat gradient vector's coordinates live in the model's state dict.
-
-    The vector covers the trainable parameters in ``named_parameters`` order; buffers (integer or
-    float) are not part of it and are never changed by a gradient step.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [math.prod(s) for s in self.shapes]
-
-    @property
-    def dim(self) -> int:
-        return int(sum(self.sizes))
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "ParamLayout":
-        params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
-        return cls(tuple(n for n, _ in params), tuple(s for _, s in params))
-
-    @classmethod
-    def from_scenario(cls, scenario: Scenario) -> "ParamLayout":
-        from fedsim.clients.runtime import dataset_meta
-        from fedsim.models import build_model
-
-        shape, classes = dataset_meta(scenario)
-        return cls.from_model(build_model(scenario.model, shape, classes,
-                                          derive_seed(scenario.run.seed, "model-init")))
-
-    def positions(self, keys: list[str]) -> list[int]:
-        """Index of every parameter in the state-dict ``keys``."""
-        missing = [n for n in self.names if n not in keys]
-        if missing:
-            raise ConfigError("model", f"parameters {missing[:3]} are not in the global model's state dict",
-                              "client and server must build the same model")
-        return [keys.index(n) for n in self.names]
-
-    def gather(self, keys: list[str], arrays: list[np.ndarray]) -> np.ndarray:
-        """The flat float64 parameter vector of a state dict given as ``keys``/``arrays``."""
-        return np.concatenate([np.asarray(arrays[i], dtype=np.float64).reshape(-1) for i in self.positions(keys)])
-
-    def scatter(self, keys: list[str], arrays: list[np.ndarray], flat: np.ndarray) -> list[np.ndarray]:
-        """A copy of ``arrays`` whose parameters are replaced by ``flat`` (each in its own dtype)."""
-        flat = np.asarray(flat).reshape(-1)
-        if flat.size != self.dim:
-            raise ValueError(f"flat vector has {flat.size} coordinates, the model {self.dim}")
-        out = list(arrays)
-        start = 0
-        for i, size, shape in zip(self.positions(keys), self.sizes, self.shapes):
-            out[i] = flat[start:start + size].reshape(shape).astype(np.asarray(arrays[i]).dtype)
-            start += size
-        return out
-
-
-def check_gradient_model(scenario: Scenario, strategy: str) -> None:
-    """Gradient strategies need a model whose gradient is a deterministic function of the data."""
-    m = scenario.model
-    if m.norm == "batch":
-        raise ConfigError("model.norm", f"'{strategy}' exchanges gradients, which cannot carry BatchNorm "
-                          "running statistics", "use model.norm = \"group\" or \"none\"")
-    if m.dropout > 0:
-        raise ConfigError("model.dropout", f"'{strategy}' needs deterministic gradients; dropout would draw "
-                          "from an unseeded generator", "set model.dropout = 0")
-
-
-def flat_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  reduction: str = "mean") -> tuple[torch.Tensor, float]:
-    """Gradient of the cross-entropy (``reduction`` ``"mean"`` or ``"sum"``) at the model's current
-    weights, flattened over the trainable parameters in ``named_parameters`` order; and the loss."""
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    loss = torch.nn.functional.cross_entropy(model(x), y, reduction=reduction)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
-    return flat.detach(), float(loss.detach())
+__all__ = ["MedianSGD", "SignSGD", "noisy_gradient_task"]
 
 
 # ---------------------------------------------------------------------------------------------
 # client task
 SIGN_RECORD, SIGN_ARRAY = "signs", "packed"
 MEDIAN_RECORD, MEDIAN_ARRAY = "noisy", "g"
-
-
-def _attack_gradient(call: ClientCall, g: np.ndarray) -> np.ndarray:
-    """``faults.byzantine_clients`` on gradients: sign_flip (-g), gaussian (g + N(0, 1)), nan."""
-    f = call.scenario.faults
-    if f.attack == "none" or call.partition_id not in f.byzantine_clients:
-        return g
-    if f.attack == "sign_flip":
-        return -g
-    if f.attack == "gaussian":
-        return g + numpy_rng(call.scenario.run.seed, "attack", call.round, call.partition_id).standard_normal(g.shape)
-    if f.attack == "nan":
-        return np.full_like(g, np.nan)
-    return g
 
 
 @CLIENT_TASKS.register("noisy_gradient")
@@ -182,7 +61,7 @@ def noisy_gradient_task(call: ClientCall) -> RecordDict:
         idx = torch.randperm(n, generator=call.rng("gradient-batch"))[:batch_size].to(x.device)
         x, y = x[idx], y[idx]
     g_t, loss = flat_gradient(model, x, y)
-    g = _attack_gradient(call, g_t.to(torch.float64).cpu().numpy())
+    g = call.attack_gradient(g_t.to(torch.float64).cpu().numpy())
     rng = numpy_rng(call.scenario.run.seed, "gradient-noise", call.round, call.partition_id)
     if mode == "sign":
         if np.isnan(g).any():  # a corrupted client: send something the server must reject
@@ -267,17 +146,12 @@ class _NoisyGradient(FedSimStrategy):
         return cfg
 
     # -- validation ------------------------------------------------------------------------------
-    def _payload(self, content: RecordDict, pid: int, record: str, array: str) -> np.ndarray:
-        if record not in content.array_records:
-            raise ClientUpdateError(pid, record, "missing from the reply",
-                                    f"the client task must return an ArrayRecord '{record}'")
-        rec = content.array_records[record]
-        if list(rec.keys()) != [array]:
+    def _payload(self, content: RecordDict, pid: int, record: str, array: str, **checks: Any) -> np.ndarray:
+        """The one array ``record.array`` of a reply, checked by :func:`expect_array` (``checks``)."""
+        rec = content.array_records.get(record)
+        if rec is not None and list(rec.keys()) != [array]:
             raise ClientUpdateError(pid, record, f"expected exactly one array '{array}', got {list(rec.keys())[:3]}")
-        try:
-            return to_numpy(rec[array])
-        except ValueError as err:
-            raise ClientUpdateError(pid, f"{record}.{array}", str(err), "the record is corrupt") from None
+        return expect_array(content, pid, record, array, **checks)
 
     def direction(self, updates: list[ClientUpdate]) -> np.ndarray:
         raise NotImplementedError
@@ -309,17 +183,11 @@ class SignSGD(_NoisyGradient):
     Options = SignOptions
 
     def parse_reply(self, content: RecordDict, metrics: dict[str, Any], pid: int) -> list[np.ndarray]:
-        a = self._payload(content, pid, SIGN_RECORD, SIGN_ARRAY)
         d = self.layout.dim
-        field = f"{SIGN_RECORD}.{SIGN_ARRAY}"
-        if a.dtype != np.uint8:
-            raise ClientUpdateError(pid, field, f"dtype {a.dtype}, expected uint8 (1 bit per coordinate)",
-                                    "pack the signs with pack_signs")
-        if a.ndim != 1 or a.size != packed_size(d):
-            raise ClientUpdateError(pid, field, f"shape {a.shape}, expected ({packed_size(d)},) = ceil({d}/8) bytes",
-                                    "the client must pack exactly one bit per model coordinate")
+        a = self._payload(content, pid, SIGN_RECORD, SIGN_ARRAY, dtype=np.uint8, shape=(packed_size(d),),
+                          hint="the client must pack exactly one bit per model coordinate (pack_signs)")
         if d % 8 and int(a[-1]) >> (d % 8):
-            raise ClientUpdateError(pid, field, f"padding bits after coordinate {d} are set",
+            raise ClientUpdateError(pid, f"{SIGN_RECORD}.{SIGN_ARRAY}", f"padding bits after coordinate {d} are set",
                                     "the packed message does not match this model")
         return [a]
 
@@ -338,17 +206,7 @@ class MedianSGD(_NoisyGradient):
     Options = NoisyGradientOptions
 
     def parse_reply(self, content: RecordDict, metrics: dict[str, Any], pid: int) -> list[np.ndarray]:
-        a = self._payload(content, pid, MEDIAN_RECORD, MEDIAN_ARRAY)
-        d = self.layout.dim
-        field = f"{MEDIAN_RECORD}.{MEDIAN_ARRAY}"
-        if a.dtype != np.float32:
-            raise ClientUpdateError(pid, field, f"dtype {a.dtype}, expected float32")
-        if a.shape != (d,):
-            raise ClientUpdateError(pid, field, f"shape {a.shape}, expected ({d},)",
-                                    "client and server must build the same model")
-        if not np.isfinite(a).all():
-            raise ClientUpdateError(pid, field, "contains NaN or Inf", "check the client's data and model")
-        return [a]
+        return [self._payload(content, pid, MEDIAN_RECORD, MEDIAN_ARRAY, dtype=np.float32, shape=(self.layout.dim,))]
 
     def direction(self, updates: list[ClientUpdate]) -> np.ndarray:
         return coordinate_median([u.arrays[0] for u in updates])

@@ -22,12 +22,13 @@ def tiny(overrides: list[str] | None = None, **sections):
     """A validated tiny scenario; ``sections`` replace whole tables, ``overrides`` are --set items."""
     import copy
 
+    from fedsim.catalog import resolve
     from fedsim.config import scenario_from_dict
 
     raw = copy.deepcopy(TINY)
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v}
-    return scenario_from_dict(raw, overrides)
+    return resolve(scenario_from_dict(raw, overrides))
 
 
 @pytest.fixture

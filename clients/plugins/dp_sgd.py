@@ -131,7 +131,7 @@ class DPSGD(ClientPlugin):
         self.samples += int(state.batch[1].shape[0])
 
     def _round_end(self, state: TrainState) -> None:
-        from fedsim.privacy.accountants import PoissonGaussianEvent
+        from fedsim.privacy.events import PoissonGaussianEvent
 
         self.gsm._close()
         state.model, state.optimizer = self.original, self.opt.original_optimizer

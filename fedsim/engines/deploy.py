@@ -116,7 +116,9 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
         raise ConfigError("deploy.nodes", f"{nodes} SuperNodes but only {scenario.data.num_clients} data "
                           "partitions", "set data.num_clients to at least the number of nodes")
     flower_bin("flower-superlink")  # fail early and clearly if Flower is missing
-    scen = scenario.model_copy(deep=True)
+    from fedsim.catalog import resolve
+
+    scen = resolve(scenario.model_copy(deep=True))
     scen.run.engine = "deploy"
     out = Path(out_dir).expanduser().resolve()
     dep = scen.deploy
@@ -246,6 +248,7 @@ def _main(argv: list[str] | None = None) -> int:
     """Write the tiny Flower app for SCENARIO, to submit with ``flwr run APP_DIR CONNECTION``."""
     import argparse
 
+    from fedsim.catalog import resolve
     from fedsim.config import load_scenario
 
     parser = argparse.ArgumentParser(prog="python -m fedsim.engines.deploy",
@@ -265,7 +268,7 @@ def _main(argv: list[str] | None = None) -> int:
         c = make_test_certificates(args.directory)
         print(f"ca={c.ca}\ncert={c.cert}\nkey={c.key}")
         return 0
-    scen = load_scenario(args.scenario, args.overrides)
+    scen = resolve(load_scenario(args.scenario, args.overrides))
     scen.run.engine = "deploy"
     out = Path(args.out).expanduser()
     out = out if out.is_absolute() else out.resolve()

@@ -144,11 +144,11 @@ def run_local(scenario, out_dir, on_round=None, grid_hook=None) -> dict:
     """Run ``scenario`` on the embedded engine: the real ServerApp and ClientApp, one process."""
     from flwr.app import Context
 
-    from fedsim.catalog import load_all
+    from fedsim.catalog import resolve
     from fedsim.clients.client_app import build_client_app
     from fedsim.server import build_server_app
 
-    load_all()
+    resolve(scenario)
     result: dict = {}
     client_app = build_client_app(scenario)
     server_app = build_server_app(scenario, out_dir, engine="local", on_round=on_round, result=result)

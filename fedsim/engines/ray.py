@@ -21,11 +21,11 @@ def run_ray(scenario: Scenario, out_dir: str | Path, on_round=None) -> dict[str,
         from flwr.simulation import run_simulation
     except ImportError as err:  # pragma: no cover - depends on the install
         raise EngineError("the Ray engine needs flwr[simulation]", "pip install 'flwr[simulation]'") from err
-    from fedsim.catalog import load_all
+    from fedsim.catalog import resolve
     from fedsim.clients.client_app import build_client_app
     from fedsim.server import build_server_app
 
-    load_all()
+    resolve(scenario)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

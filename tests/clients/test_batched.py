@@ -7,7 +7,9 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedsim.clients.batched import BatchedFit, message_eligible
-from fedsim.clients.client_app import ClientCall, build_client_app, state_to_arrays
+from fedsim.clients.client_app import build_client_app
+from fedsim.clients.tasks import ClientCall
+from fedsim.wire import state_to_arrays
 from fedsim.clients.runtime import runtime_for
 from fedsim.engines.local import LocalGrid, node_id_for, run_local
 from fedsim.results import load_checkpoint, read_jsonl
@@ -27,8 +29,9 @@ def _setup(overrides, num_clients=6):
     return s, app, grid, arrays
 
 
-def _msgs(arrays, pids, rnd=2, kind="train"):
-    return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+def _msgs(arrays, pids, rnd=2, kind="train", plugins=""):
+    """Train messages as a strategy sends them (``plugins``: the client plugins it enables)."""
+    return [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd, "plugins": plugins})}),
                     dst_node_id=node_id_for(p), message_type=kind) for p in pids]
 
 
@@ -125,10 +128,13 @@ def test_cnn_with_group_norm_and_chunks():
     ["model.dropout=0.2"],
 ])
 def test_ineligible_scenarios_fall_back(overrides):
+    from fedsim.strategies.base import STRATEGIES
+
     s, app, grid, arrays = _setup(overrides)
     b = BatchedFit(s, when="eligible")
+    plugins = ",".join(STRATEGIES.get(s.strategy.name).plugin_names(s))  # what the strategy sends
+    assert b.run(_items(grid, _msgs(arrays, range(6), plugins=plugins))) == [None] * 6
     assert b.reason() is not None
-    assert b.run(_items(grid, _msgs(arrays, range(6)))) == [None] * 6
     assert b.calls == 0
 
 
@@ -216,5 +222,5 @@ def test_plugins_reaching_the_loop_any_other_way_are_detected(monkeypatch):
     s, app, grid, arrays = _setup(['strategy.name="fedprox"'])
     monkeypatch.setattr(batched, "scenario_reason", lambda scenario, model: None)
     b = BatchedFit(s)
-    assert b.run(_items(grid, _msgs(arrays, range(6)))) == [None] * 6
+    assert b.run(_items(grid, _msgs(arrays, range(6), plugins="fedprox"))) == [None] * 6
     assert "fedprox" in b.reason()

@@ -10,7 +10,8 @@ from fedsim.clients.trainer import train_local
 from fedsim.config import ClientConfig
 from fedsim.engines.local import run_local
 from fedsim.errors import IncompatibleModelError
-from fedsim.privacy.accountants import PoissonGaussianEvent, make_accountant
+from fedsim.privacy.accountants import make_accountant
+from fedsim.privacy.events import PoissonGaussianEvent
 from fedsim.results import load_checkpoint, read_jsonl
 from tests.conftest import tiny
 

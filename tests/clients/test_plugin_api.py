@@ -54,6 +54,17 @@ def test_after_events_run_in_reverse_order():
     assert [n for e, n in log if e is Event.ROUND_END] == ["b", "a"]
 
 
+def test_every_event_fires_and_is_documented():
+    """The loop fires every Event (STEP only for the step owner); the Event docstring names each one."""
+    log = []
+    _train(_model(), [Recorder("a", log, owns=frozenset({"step"}))], steps=2)
+    assert list(dict.fromkeys(e for e, _ in log)) == list(Event)  # first firings follow the enum order
+    fired_once = [e for e, _ in log if e in (Event.ROUND_START, Event.ROUND_END)]
+    assert fired_once == [Event.ROUND_START, Event.ROUND_END]
+    for ev in Event:
+        assert f"# {ev.name}" in Event.__doc__ and f"{ev.name}: " in Event.__doc__, ev
+
+
 def test_after_constraint_reorders():
     log = []
     stack = PluginStack([Recorder("a", log, after=("b",)), Recorder("b", log)])

@@ -7,7 +7,8 @@ import pytest
 
 from fedsim.engines.local import run_local
 from fedsim.errors import PrivacyBudgetExceeded
-from fedsim.privacy.accountants import PoissonGaussianEvent, make_accountant
+from fedsim.privacy.accountants import make_accountant
+from fedsim.privacy.events import PoissonGaussianEvent
 from fedsim.results import load_checkpoint, read_jsonl
 from tests.conftest import tiny
 

@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedsim.errors import AggregationError, ConfigError
-from fedsim.strategies.fedld_aggregation import (
+from fedsim.strategies.fedld_math import (
     FedLDAggregator,
     fedld_aggregate,
     fedld_aggregate_layer,

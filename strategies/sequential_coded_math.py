@@ -9,11 +9,11 @@ Krishnan, Ebrahimi, Khisti, "Sequential Gradient Coding for Straggler Mitigation
 
 Jobs ``0, 1, ...`` (e.g. the gradients of consecutive rounds of several concurrently trained
 models) start in round ``t`` and must be decodable by the end of round ``t + T``. Stragglers follow
-the bursty ``(B, W, lambda)`` model (see :mod:`fedsim.strategies.stragglers`).
+the bursty ``(B, W, lambda)`` model (see :mod:`fedsim.strategies.stragglers_math`).
 
 * :class:`SelectiveRepeatSGC` (SR-SGC, ``T = B``, needs ``B | (W - 1)``): every round each worker runs
   its gradient-coding task (``s = ceil(B lambda / (W - 1 + B))``, e.g. the cyclic code of
-  :mod:`fedsim.strategies.gradient_coding`) for the new job. In round ``t + B``, if ``v > s`` workers
+  :mod:`fedsim.strategies.coded_math`) for the new job. In round ``t + B``, if ``v > s`` workers
   did not return job ``t``'s task in round ``t``, ``v - s`` of them redo that task instead of the new
   one. Job ``t`` decodes from any ``n - s`` of its tasks received in rounds ``t`` and ``t + B``.
 * :class:`MultiplexedSGC` (M-SGC, ``T = W - 2 + B``): a job's data is split into a D1 part
@@ -32,7 +32,7 @@ effective pattern follows the model; it would signal a bug).
 
 Each scheduler is used round by round: :meth:`tasks` gives what every worker computes in the current
 round, :meth:`step` applies that round's straggler pattern and reports which jobs became decodable.
-The caller decodes with :func:`fedsim.strategies.gradient_coding.decode` using :meth:`received`.
+The caller decodes with :func:`fedsim.strategies.coded_math.decode` using :meth:`received`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import AggregationError, ConfigError
-from fedsim.strategies.stragglers import follows_bursty_model
+from fedsim.strategies.stragglers_math import follows_bursty_model
 
 __all__ = ["MultiplexedSGC", "RoundReport", "SelectiveRepeatSGC", "Task"]
 
@@ -92,7 +92,8 @@ class _SequentialScheme:
     T: int
     load: float
 
-    def _job_exists(self, job: int) -> bool:
+    def job_exists(self, job: int) -> bool:
+        """Whether ``job`` is one of the scheme's jobs (``0 <= job < num_jobs``)."""
         return job >= 0 and (self.num_jobs is None or job < self.num_jobs)
 
     @property
@@ -131,17 +132,17 @@ class _SequentialScheme:
         r = self.round
         newly = []
         for job in range(max(0, r - self.T), r + 1):
-            if self._job_exists(job) and job not in self.decodable_at and self.is_decodable(job):
+            if self.job_exists(job) and job not in self.decodable_at and self.is_decodable(job):
                 self.decodable_at[job] = r
                 newly.append(job)
         deadline = r - self.T
-        if self._job_exists(deadline) and deadline not in self.decodable_at:
+        if self.job_exists(deadline) and deadline not in self.decodable_at:
             raise AggregationError(f"job {deadline} is not decodable at its deadline (round {r})",
                                    "this should not happen when the pattern follows the model; report it")
         self.round += 1
         self._prune(r - self.T - self.W)
         return RoundReport(r, tasks, observed, effective, waited, newly,
-                           deadline if self._job_exists(deadline) else None)
+                           deadline if self.job_exists(deadline) else None)
 
     def run(self, pattern: np.ndarray) -> list[RoundReport]:
         """Step through every row of a ``(rounds, n)`` straggler pattern."""
@@ -188,9 +189,9 @@ class SelectiveRepeatSGC(_SequentialScheme):
 
     def tasks(self) -> list[tuple[Task, ...]]:
         r = self.round
-        out: list[tuple[Task, ...]] = [((Task(r, "gc"),) if self._job_exists(r) else ()) for _ in range(self.n)]
+        out: list[tuple[Task, ...]] = [((Task(r, "gc"),) if self.job_exists(r) else ()) for _ in range(self.n)]
         t = r - self.B
-        if self._job_exists(t):
+        if self.job_exists(t):
             got = self.delivered.get(t, {})
             missing = [i for i in range(self.n) if i not in got]
             if len(missing) > self.s:
@@ -280,7 +281,7 @@ class MultiplexedSGC(_SequentialScheme):
             mine = []
             for m in range(self.slots):
                 job = r - m
-                if not self._job_exists(job):
+                if not self.job_exists(job):
                     continue
                 if m < self.d1_slots:
                     mine.append(Task(job, "d1", m))

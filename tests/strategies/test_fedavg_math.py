@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedsim.strategies.aggregation import (coordinate_median, fedopt_step, krum_scores, multi_krum,
+from fedsim.strategies.fedavg_math import (coordinate_median, fedopt_step, krum_scores, multi_krum,
                                            trimmed_mean, weighted_mean)
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=64)

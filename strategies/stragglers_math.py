@@ -16,11 +16,11 @@ References
 
 Patterns are boolean arrays of shape ``(rounds, n)``; ``True`` = straggler.
 
-Wall-clock: a worker's time in a round is ``overhead + base_time * load * jitter + delay * straggling``,
-with ``load`` the fraction of the full gradient it computes. Uncoded training waits for all
-workers, gradient coding (GC) for the fastest ``n - s``; sequential GC waits until
-``(1 + mu) * fastest`` and treats later workers as stragglers, unless that pattern breaks its design
-model, in which case it waits for everyone (the authors' simulator rule).
+Wall-clock: a worker's time in a round is ``overhead + base_time * load * jitter + delay * straggling``
+(:class:`ComputeTimeModel`), with ``load`` the fraction of the full gradient it computes. Sequential
+GC treats workers slower than ``(1 + mu) * fastest`` as stragglers (:func:`stragglers_from_times`).
+The offline comparison of the schemes' round times (uncoded, GC, SR-SGC, M-SGC) is in
+``bench/compare_coded.py``.
 """
 
 from __future__ import annotations
@@ -35,14 +35,11 @@ __all__ = [
     "ComputeTimeModel",
     "bernoulli_stragglers",
     "bursty_stragglers",
+    "draw_stragglers",
     "follows_bursty_model",
-    "gc_round_times",
     "gilbert_elliott_stragglers",
     "satisfies_bursty_model",
-    "sequential_round_times",
-    "simulate_wallclock",
     "stragglers_from_times",
-    "uncoded_round_times",
 ]
 
 
@@ -143,6 +140,24 @@ def bursty_stragglers(rng: np.random.Generator, n: int, rounds: int, B: int, W: 
     return out
 
 
+def draw_stragglers(kind: str, rng: np.random.Generator, n: int, rounds: int, *, p: float = 0.1,
+                    p_good_to_bad: float = 0.05, p_bad_to_good: float = 0.5, B: int = 1, W: int = 3, lam: int = 1,
+                    p_start: float = 0.05, p_continue: float = 0.7) -> np.ndarray:
+    """A ``(rounds, n)`` pattern of the model ``kind``: ``"none"``, ``"bernoulli"`` (``p``),
+    ``"gilbert_elliott"`` (``p_good_to_bad``, ``p_bad_to_good``) or ``"bursty"`` (``B``, ``W``, ``lam``,
+    ``p_start``, ``p_continue``)."""
+    if kind == "bernoulli":
+        return bernoulli_stragglers(rng, n, rounds, p)
+    if kind == "gilbert_elliott":
+        return gilbert_elliott_stragglers(rng, n, rounds, p_good_to_bad, p_bad_to_good)
+    if kind == "bursty":
+        return bursty_stragglers(rng, n, rounds, B, W, lam, p_start, p_continue)
+    if kind == "none":
+        return np.zeros((rounds, n), dtype=bool)
+    raise ConfigError("stragglers", f"unknown straggler model {kind!r}",
+                      "use none, bernoulli, gilbert_elliott or bursty")
+
+
 def stragglers_from_times(times: np.ndarray, mu: float) -> np.ndarray:
     """Workers slower than ``(1 + mu) * fastest`` in their round (``times`` is ``(rounds, n)``)."""
     times = np.asarray(times, dtype=np.float64)
@@ -176,68 +191,7 @@ class ComputeTimeModel:
             return np.ones((rounds, n))
         return rng.lognormal(mean=0.0, sigma=self.jitter, size=(rounds, n))
 
-    def times(self, load: float, stragglers: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """``(rounds, n)`` worker times for a scheme with normalised ``load``."""
+    def times(self, load: float | np.ndarray, stragglers: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Worker times (the shape of ``noise``, e.g. ``(rounds, n)``) for the normalised ``load``: one
+        number for every worker, or an array broadcasting against ``noise`` (one load per worker)."""
         return self.overhead + self.base_time * load * noise + self.straggler_delay * np.asarray(stragglers, float)
-
-
-def uncoded_round_times(times: np.ndarray) -> np.ndarray:
-    """Uncoded: the master waits for every worker."""
-    return np.asarray(times).max(axis=-1)
-
-
-def gc_round_times(times: np.ndarray, s: int) -> np.ndarray:
-    """Gradient coding: the master waits for the fastest ``n - s`` workers."""
-    times = np.asarray(times)
-    n = times.shape[-1]
-    return np.sort(times, axis=-1)[..., n - s - 1]
-
-
-def sequential_round_times(times: np.ndarray, scheduler, mu: float) -> np.ndarray:
-    """Drive a sequential-GC scheduler with stragglers detected from ``times`` (the ``mu`` rule).
-
-    A round lasts ``min((1 + mu) * fastest, slowest)`` when the detected pattern follows the
-    scheme's model, and ``slowest`` when the scheduler waited for everyone.
-    """
-    times = np.asarray(times, dtype=np.float64)
-    out = np.empty(times.shape[0])
-    for r, row in enumerate(times):
-        report = scheduler.step(row > (1.0 + mu) * row.min())
-        out[r] = row.max() if report.waited_for_all else min((1.0 + mu) * row.min(), row.max())
-    return out
-
-
-def simulate_wallclock(rng: np.random.Generator, pattern: np.ndarray, model: ComputeTimeModel, s: int,
-                       B: int, W: int, lam: int, mu: float = 0.1, num_jobs: int | None = None) -> dict:
-    """Total simulated wall-clock to finish ``num_jobs`` gradients under each scheme.
-
-    ``pattern`` (``(rounds, n)``) says who is slowed down; it must cover ``num_jobs + W - 2 + B``
-    rounds (the longest pipeline). The noise is shared between schemes (common random numbers).
-    Returns ``{scheme: {"round_times": array, "total": float, "load": float}}`` for ``"uncoded"``,
-    ``"gc"``, ``"sr-sgc"`` and ``"m-sgc"``.
-    """
-    from fedsim.strategies.sequential_gc import MultiplexedSGC, SelectiveRepeatSGC
-
-    pattern = np.asarray(pattern, dtype=bool)
-    n = pattern.shape[1]
-    T_max = W - 2 + B
-    jobs = num_jobs if num_jobs is not None else pattern.shape[0] - T_max
-    sr = SelectiveRepeatSGC(n, B, W, lam, num_jobs=jobs) if (W - 1) % B == 0 else None
-    ms = MultiplexedSGC(n, B, W, lam, num_jobs=jobs)
-    if pattern.shape[0] < jobs + ms.T:
-        raise ConfigError("stragglers.rounds", f"pattern has {pattern.shape[0]} rounds, need {jobs + ms.T}")
-    noise = model.noise(rng, pattern.shape[0], n)
-    result = {}
-    t = model.times(1.0 / n, pattern[:jobs], noise[:jobs])
-    result["uncoded"] = {"round_times": uncoded_round_times(t), "load": 1.0 / n}
-    t = model.times((s + 1) / n, pattern[:jobs], noise[:jobs])
-    result["gc"] = {"round_times": gc_round_times(t, s), "load": (s + 1) / n}
-    for name, sched in (("sr-sgc", sr), ("m-sgc", ms)):
-        if sched is None:
-            continue
-        rounds = jobs + sched.T
-        t = model.times(sched.load, pattern[:rounds], noise[:rounds])
-        result[name] = {"round_times": sequential_round_times(t, sched, mu), "load": sched.load}
-    for v in result.values():
-        v["total"] = float(v["round_times"].sum())
-    return result

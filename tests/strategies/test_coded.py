@@ -1,22 +1,26 @@
-"""coded_gd through the local engine: exact GD under stragglers, never a silently wrong gradient,
-sequential GC, the simulated clock and reply validation."""
+"""coded_gd (strategies/coded.py) through the local engine: exact GD under stragglers, never a
+silently wrong gradient, sequential GC, the simulated clock, the train messages and reply validation.
+The work layout alone is tested in test_coded_work.py."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim.catalog import load_all
-from fedsim.data.federation import make_federation
+from fedsim.data.federation import federation_of
 from fedsim.engines.local import run_local
 from fedsim.errors import ClientUpdateError, ConfigError
 from fedsim.models import build_model
 from fedsim.results import load_checkpoint, read_jsonl
 from fedsim.rng import derive_seed
-from fedsim.strategies.base import make_strategy
-from fedsim.wire import from_numpy
+from fedsim.strategies.base import FedSimStrategy, make_strategy
+from fedsim.strategies.coded import CodedGD
+from fedsim.wire import from_numpy, state_to_arrays, to_numpy
 from tests.conftest import tiny
 
 N = 6
@@ -48,10 +52,7 @@ def replicas(ckpt) -> list[np.ndarray]:
 def reference_gd(s, steps: int, delay: int = 0) -> np.ndarray:
     """Full-batch GD on the mean cross-entropy of ALL clients' data, in float64, written directly in
     torch (no fedsim strategy code). ``delay = T``: x_{r+1} = x_r - lr * grad(x_{r-T}) for r >= T."""
-    d = s.data
-    fed = make_federation(dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner,
-                          partition=d.partition, options=d.options, test_fraction=d.test_fraction,
-                          server_labelled=d.server_labelled, seed=s.run.seed)
+    fed = federation_of(s)
     ds = fed.dataset
     idx = np.concatenate(fed.client_indices)
     x = torch.tensor(ds.x_train[idx], dtype=torch.float64)
@@ -153,12 +154,11 @@ def test_msgc_delayed_is_gd_with_gradients_delayed_by_T(tmp_path):
 
 # ------------------------------------------------------------------------------------ clock
 def test_simulated_round_time_uncoded_waits_for_all_gc_for_n_minus_s(tmp_path):
-    load_all()
     for s_, tag in ((0, "uncoded"), (2, "gc")):
         sc = scenario(f"strategy.s={s_}", "strategy.p=0.3", 'strategy.precision="float32"')
         st = make_strategy(sc)
         rows, clients, _ = run(tmp_path, sc, tag)
-        sizes = np.diff([a for a, _ in st.shard_pieces] + [st.N])
+        sizes = np.diff([a for a, _ in st.work_layout.shard_pieces] + [st.N])
         load = np.array([sizes[st.code.partitions_of(i)].sum() / st.N for i in range(N)])
         for r, row in enumerate(rows):
             t = st.time_model.times(load, st.pattern[r][None, :], st.noise[r][None, :])[0]
@@ -170,9 +170,65 @@ def test_simulated_round_time_uncoded_waits_for_all_gc_for_n_minus_s(tmp_path):
             assert not [c for c in clients if c["status"] != "ok"]      # uncoded waits for everyone
 
 
+# ------------------------------------------------------------------------------------ train messages
+class FakeGrid:
+    """Just enough of a Grid for ``configure_train``: node ``100 + i`` is partition ``i``."""
+
+    def __init__(self, n: int) -> None:
+        self.node_partitions = {100 + i: i for i in range(n)}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_partitions)
+
+
+@pytest.fixture
+def server_identity():
+    """Messages can only be built inside a task; the local engine sets the same identity."""
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = saved
+
+
+def test_coded_gd_fills_the_template_hooks_only():
+    for method in ("configure_train", "aggregate_train"):
+        assert getattr(CodedGD, method) is getattr(FedSimStrategy, method)
+
+
+def test_train_messages_carry_tasks_model_versions_and_skip_idle_workers(server_identity):
+    # SR-SGC, n = 6, (B, W, lam) = (1, 3, 2): s = 1, T = 1, 3 jobs in 4 rounds. Workers 0 and 1
+    # straggle in round 2 (job 2): in round 3 one of them redoes job 2 at its own model version,
+    # and the other five get no message at all.
+    sc = scenario('strategy.sequential="sr-sgc"', "strategy.B=1", "strategy.W=3", "strategy.lam=2")
+    st = make_strategy(sc)
+    fed = federation_of(sc)
+    model = build_model(sc.model, tuple(fed.input_shape), fed.num_classes, derive_seed(sc.run.seed, "model-init"))
+    arrays, grid = state_to_arrays(model), FakeGrid(N)
+    rows = [np.zeros(N, bool), np.zeros(N, bool), np.array([1, 1, 0, 0, 0, 0], bool)]
+    for rnd, row in enumerate(rows, start=1):
+        msgs = list(st.configure_train(rnd, arrays, ConfigRecord({}), grid))
+        assert st.sampled == list(range(N)) and len(msgs) == N
+        for m in msgs:
+            pid = grid.node_partitions[m.metadata.dst_node_id]
+            cfg = m.content.config_records["config"]
+            assert m.metadata.message_type == "train.coded_gradient"
+            assert json.loads(cfg["tasks"]) == st.work_layout.task_list(st.work[pid]) and cfg["job"] == rnd - 1
+            assert sorted(m.content.array_records) == ["arrays"]
+            assert to_numpy(m.content.array_records["arrays"][st.keys[0]]).dtype == np.float64   # float64 master
+        st.sched.step(row)
+        st.versions[rnd - 1][0] = st.versions[rnd - 1][0] + rnd      # mark each job's model version
+    msgs = list(st.configure_train(4, arrays, ConfigRecord({}), grid))
+    assert st.sampled == [0] and [m.metadata.dst_node_id for m in msgs] == [100]
+    (msg,) = msgs
+    assert json.loads(msg.content.config_records["config"]["tasks"])[0][0] == 2
+    assert sorted(msg.content.array_records) == ["arrays", "model.2"]
+    np.testing.assert_array_equal(to_numpy(msg.content.array_records["model.2"][st.keys[0]]), st.versions[2][0])
+    evaluation = st.sample(4, grid, 1.0)                # evaluation rounds are not narrowed to the work
+    assert [p for p, _ in evaluation] == list(range(N))
+
+
 # ------------------------------------------------------------------------------------ validation
 def test_coded_reply_validation():
-    load_all()
     st = make_strategy(scenario())
     st.work = {3: [object()]}            # one task this round
     d = st.layout.dim
@@ -206,14 +262,12 @@ def test_coded_reply_validation():
     (['model.name="mlp"', "model.dropout=0.2"], "model.dropout"),
 ])
 def test_bad_settings_are_config_errors(sets, key):
-    load_all()
     with pytest.raises(ConfigError) as err:
         make_strategy(scenario(*sets))
     assert err.value.key == key
 
 
 def test_unknown_option_values_are_rejected():
-    load_all()
     for bad in ('strategy.scheme="mds"', 'strategy.stragglers="weibull"', "strategy.p=1.5",
                 'strategy.jobs="parallel"', "strategy.W=1"):
         with pytest.raises(ConfigError):
@@ -221,7 +275,6 @@ def test_unknown_option_values_are_rejected():
 
 
 def test_state_dict_round_trip(tmp_path):
-    load_all()
     sc = scenario('strategy.sequential="m-sgc"', "strategy.B=1", "strategy.W=3", "strategy.lam=1", "run.rounds=4")
     _, _, ckpt = run(tmp_path, sc)
     st = make_strategy(sc)

@@ -7,9 +7,9 @@ import pytest
 
 from fedsim.errors import AggregationError, ConfigError
 from fedsim.rng import numpy_rng
-from fedsim.strategies.gradient_coding import make_code
-from fedsim.strategies.sequential_gc import MultiplexedSGC, SelectiveRepeatSGC
-from fedsim.strategies.stragglers import bursty_stragglers, satisfies_bursty_model
+from fedsim.strategies.coded_math import make_code
+from fedsim.strategies.sequential_coded_math import MultiplexedSGC, SelectiveRepeatSGC
+from fedsim.strategies.stragglers_math import bursty_stragglers, satisfies_bursty_model
 
 PARAMS = [(8, 1, 3, 2), (8, 2, 5, 3), (10, 3, 7, 4), (6, 1, 2, 2), (12, 2, 3, 5), (6, 2, 3, 6), (5, 1, 5, 5)]
 
@@ -68,6 +68,8 @@ def test_no_stragglers_decode_times_and_task_layout():
     full = reports[ms.T].tasks[0]                     # a round where every slot is busy
     assert len(full) == ms.slots and [t.job for t in full] == [ms.T - m for m in range(ms.slots)]
     assert [t.kind for t in full] == ["d1"] * 3 + ["d2"] * 2
+    assert [ms.job_exists(j) for j in (-1, 0, 5, 6)] == [False, True, True, False]
+    assert MultiplexedSGC(5, 2, 4, 2).job_exists(10**6)               # an endless stream
 
 
 def test_selective_repetition_redoes_missing_tasks():

@@ -1,4 +1,5 @@
-"""signsgd / mediansgd strategies through the local engine: wire format, validation, exact steps."""
+"""signsgd / mediansgd (strategies/signsgd.py) through the local engine: wire format, validation,
+exact steps, Byzantine clients. The shared gradient plumbing is tested in test_gradients.py."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedsim.catalog import load_all
-from fedsim.data.federation import make_federation
+from fedsim.data.federation import federation_of
 from fedsim.engines.local import run_local
 from fedsim.errors import ClientUpdateError, ConfigError
 from fedsim.models import build_model
 from fedsim.results import load_checkpoint, read_jsonl
 from fedsim.rng import derive_seed, numpy_rng
 from fedsim.strategies.base import make_strategy
-from fedsim.strategies.signsgd import ParamLayout, flat_gradient
-from fedsim.strategies.signsgd_aggregation import majority_vote, noisy_sign, packed_size
+from fedsim.strategies.gradients import ParamLayout, flat_gradient
+from fedsim.strategies.signsgd_math import majority_vote, noisy_sign, packed_size
 from fedsim.wire import from_numpy
 from tests.conftest import tiny
 
@@ -43,10 +43,7 @@ def final_model(out) -> list[np.ndarray]:
 
 def client_gradients(s) -> tuple[list[np.ndarray], list[torch.nn.Module]]:
     """Each client's full-batch gradient at the initial model, computed here independently."""
-    d = s.data
-    fed = make_federation(dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner,
-                          partition=d.partition, options=d.options, test_fraction=d.test_fraction,
-                          server_labelled=d.server_labelled, seed=s.run.seed)
+    fed = federation_of(s)
     ds = fed.dataset
     model = build_model(s.model, tuple(ds.input_shape), ds.num_classes, derive_seed(s.run.seed, "model-init"))
     grads = []
@@ -122,7 +119,6 @@ def test_step_size_decays_and_minibatch_is_used(tmp_path):
 # ------------------------------------------------------------------------------------ validation
 @pytest.fixture(scope="module")
 def strategies():
-    load_all()
     return {name: make_strategy(scenario(name)) for name in ("signsgd", "mediansgd")}
 
 
@@ -181,8 +177,22 @@ def test_corrupt_client_is_recorded_invalid_and_the_round_goes_on(tmp_path, name
     assert np.isfinite(rows[-1]["test_loss"])
 
 
+def test_sign_flip_client_votes_against_its_own_gradient(tmp_path):
+    # b = 0 and one round: client 1's signs are those of -g_1 (fedsim.faults.attack_gradient), the
+    # others' those of g_i; the step is the majority vote of exactly those signs.
+    s = scenario("signsgd", "strategy.b=0", "strategy.delta=0.02", "run.rounds=1", 'strategy.zero="positive"',
+                 "faults.byzantine_clients=[1]", 'faults.attack="sign_flip"')
+    _, clients, out = run(tmp_path, s)
+    assert all(c["status"] == "ok" for c in clients)
+    grads, init = client_gradients(s)
+    grads[1] = -grads[1]
+    vote = majority_vote([noisy_sign(g, 0.0, numpy_rng(0), zero="positive") for g in grads])
+    flat_new = np.concatenate([a.ravel() for a in final_model(out)]).astype(np.float64)
+    flat_init = np.concatenate([a.ravel() for a in init]).astype(np.float64)
+    np.testing.assert_allclose(flat_new, (flat_init - 0.02 * vote).astype(np.float32), atol=1e-7)
+
+
 def test_options_and_model_are_checked():
-    load_all()
     with pytest.raises(ConfigError):
         scenario("signsgd", "strategy.b=-1")
     with pytest.raises(ConfigError):

@@ -10,7 +10,7 @@ from scipy.special import erf
 
 from fedsim.errors import AggregationError
 from fedsim.rng import numpy_rng
-from fedsim.strategies.signsgd_aggregation import (
+from fedsim.strategies.signsgd_math import (
     coordinate_median,
     gradient_from_weights,
     majority_vote,

@@ -9,7 +9,7 @@ import pytest
 
 from fedsim.errors import AggregationError, ConfigError
 from fedsim.rng import numpy_rng
-from fedsim.strategies.gradient_coding import (
+from fedsim.strategies.coded_math import (
     GradientCode,
     cyclic_repetition_code,
     decode,

@@ -1,0 +1,216 @@
+"""The DP mechanisms a run's ledger composes: each reports its ε(δ), the ε(δ) its next round would
+bring, and records what a round released.
+
+One object per mechanism holds its parameters, sampling and accounting event together (pfl-research's
+``GaussianMechanism.from_privacy_accountant`` is the anchor): a strategy that adds noise builds its
+mechanism once and takes its noise multiplier, sampling rate and sample size from it, so what is
+accounted is what was done. The ledger (``fedsim.privacy.ledger``) only composes.
+
+* :class:`ClientLevelMechanism` — DP-FedAvg: one Poisson-subsampled (rate ``q``) or fixed-size (``m``
+  of ``n``) Gaussian release per round, client-level.
+* :class:`DPFTRLMechanism` — DP-FTRL: ρ-zCDP of the tree mechanism over epochs (``dp_ftrl_rho``).
+* :class:`DPSGDMechanism` — a server-side mirror of every client's DP-SGD accountant (Poisson-subsampled
+  Gaussian per local step, composed for the rounds the client took part in); ε is the worst client's.
+* :class:`CounterMechanism` — a continual-release counter publishing a running count (a scalar: the
+  participation count; a vector: the label histogram of the data that trained).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedsim.privacy.accountants import FixedSizeGaussianEvent, PoissonGaussianEvent, make_accountant, zcdp_to_epsilon
+from fedsim.privacy.dp_ftrl import dp_ftrl_rho
+
+
+@dataclass
+class RoundOutcome:
+    """What a round did, as the ledger needs it: the valid updates' partition ids and metrics."""
+
+    sampled: list[int]
+    participants: list[int]
+    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class Mechanism:
+    """Interface of a ledger entry."""
+
+    name = ""
+
+    def epsilon(self, delta: float) -> float:
+        raise NotImplementedError
+
+    def epsilon_next(self, rnd: int, delta: float) -> float:
+        raise NotImplementedError
+
+    def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class ClientLevelMechanism(Mechanism):
+    """DP-FedAvg's Gaussian release per round: noise ``z`` on the clipped sum, clients Poisson-sampled
+    with rate ``rate`` or a fixed-size sample of ``sample_size`` of ``population`` clients."""
+
+    name = "dp-fedavg"
+
+    def __init__(self, noise_multiplier: float, sampling: str, rate: float, sample_size: int, population: int,
+                 accountant: str = "rdp") -> None:
+        self.noise_multiplier, self.sampling = float(noise_multiplier), sampling
+        self.rate, self.sample_size, self.population = float(rate), int(sample_size), int(population)
+        self.accountant = make_accountant(accountant)
+        self.event = (PoissonGaussianEvent(self.noise_multiplier, self.rate) if sampling == "poisson"
+                      else FixedSizeGaussianEvent(self.noise_multiplier, self.sample_size, self.population))
+
+    def poisson_sample(self, rng: np.random.Generator) -> np.ndarray:
+        """Which of the ``population`` clients a Poisson sample with the accounted rate takes."""
+        return rng.random(self.population) < self.rate
+
+    def epsilon(self, delta: float) -> float:
+        return self.accountant.epsilon(delta)
+
+    def epsilon_next(self, rnd: int, delta: float) -> float:
+        return self.accountant.epsilon_if(self.event, 1, delta)
+
+    def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
+        self.accountant.compose(self.event, 1)
+        return {"sampled": len(outcome.sampled)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state)
+
+
+class DPFTRLMechanism(Mechanism):
+    """DP-FTRL's tree-aggregated release: every client once per epoch of ``rounds_per_epoch`` rounds."""
+
+    name = "dp-ftrl"
+
+    def __init__(self, noise_multiplier: float, rounds_per_epoch: int, restart_every_epochs: int = 0) -> None:
+        self.noise_multiplier = float(noise_multiplier)
+        self.rounds_per_epoch = int(rounds_per_epoch)
+        self.restart = int(restart_every_epochs) or None
+        self.rounds = 0
+
+    def rho(self, rounds: int) -> float:
+        """ρ-zCDP after ``rounds`` rounds: every client in every started epoch, once."""
+        epochs = math.ceil(rounds / self.rounds_per_epoch)
+        return dp_ftrl_rho(self.noise_multiplier, self.rounds_per_epoch, epochs, self.restart)
+
+    def epsilon(self, delta: float) -> float:
+        return zcdp_to_epsilon(self.rho(self.rounds), delta) if self.rounds else 0.0
+
+    def epsilon_next(self, rnd: int, delta: float) -> float:
+        return zcdp_to_epsilon(self.rho(self.rounds + 1), delta)
+
+    def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
+        self.rounds += 1
+        return {"rho": self.rho(self.rounds)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = int(state["rounds"])
+
+
+class DPSGDMechanism(Mechanism):
+    """Mirror of the clients' DP-SGD accountants; the budget check assumes the worst client is sampled."""
+
+    name = "dp-sgd"
+
+    def __init__(self, scenario, sizes: np.ndarray) -> None:
+        p, c = scenario.privacy, scenario.client
+        self.z, self.kind = p.noise_multiplier, p.accountant
+        self.accountants = {i: make_accountant(self.kind) for i in range(len(sizes))}
+        self.plan: dict[int, tuple[float, int]] = {}
+        for i, n in enumerate(sizes):
+            q = p.sample_rate or min(1.0, c.batch_size / max(int(n), 1))
+            steps = c.epochs * max(1, round(1 / q))
+            if c.max_steps:
+                steps = min(steps, c.max_steps)
+            self.plan[i] = (q, steps)
+
+    def epsilon(self, delta: float) -> float:
+        return max(a.epsilon(delta) for a in self.accountants.values())
+
+    def epsilon_next(self, rnd: int, delta: float) -> float:
+        return max(a.epsilon_if(PoissonGaussianEvent(self.z, self.plan[i][0]), self.plan[i][1], delta)
+                   for i, a in self.accountants.items())
+
+    def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
+        for pid in outcome.participants:
+            m = outcome.metrics.get(pid, {})
+            steps = int(m.get("dp_sgd/steps", 0))
+            q = float(m.get("dp_sgd/sample_rate", self.plan[pid][0]))
+            if steps:
+                self.accountants[pid].compose(PoissonGaussianEvent(self.z, q), steps)
+        return {"participants": len(outcome.participants)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): a.state_dict() for i, a in self.accountants.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            self.accountants[int(k)].load_state_dict(v)
+
+
+class CounterMechanism(Mechanism):
+    """A running count published through a continual-release counter (event-level ρ-zCDP).
+
+    One client (or sample) changes one round's record by at most 1, but a round's record can be
+    larger: the counter runs on a zero stream so that its noise process is used unclipped, and the
+    exact running count is added to it. ``shape=()`` counts participants; ``shape=(classes,)`` sums
+    the clients' label counts (ℓ2 sensitivity 1: one sample moves one bin by 1).
+    """
+
+    def __init__(self, name: str, kind: str, horizon: int, rho: float, rng: np.random.Generator,
+                 shape: tuple[int, ...] = ()) -> None:
+        from fedsim.privacy.counters import make_counter
+
+        self.name, self.rho, self.shape = name, float(rho), tuple(shape)
+        self.counter = make_counter(kind, horizon, self.rho, shape=self.shape, rng=rng)
+        self.total = np.zeros(self.shape)
+        self.released: float | list[float] | None = None
+
+    def epsilon(self, delta: float) -> float:
+        return zcdp_to_epsilon(self.rho, delta)
+
+    def epsilon_next(self, rnd: int, delta: float) -> float:
+        return self.epsilon(delta)
+
+    def count(self, outcome: RoundOutcome) -> np.ndarray:
+        if not self.shape:
+            return np.asarray(float(len(outcome.participants)))
+        out = np.zeros(self.shape)
+        for pid in outcome.participants:
+            counts = outcome.metrics.get(pid, {}).get("label-counts")
+            if isinstance(counts, list) and len(counts) == self.shape[0]:
+                out += np.asarray(counts, dtype=np.float64)
+        return out
+
+    def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
+        self.total = self.total + self.count(outcome)
+        noisy = self.total + np.asarray(self.counter.update(np.zeros(self.shape)))
+        self.released = float(noisy) if not self.shape else [round(float(v), 3) for v in noisy]
+        return {"released": self.released}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": int(self.counter.steps), "total": np.asarray(self.total).tolist(),
+                "released": self.released, "counter": self.counter.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total = np.asarray(state["total"], dtype=np.float64).reshape(self.shape)
+        self.released = state.get("released")
+        self.counter.load_state_dict(state["counter"])

@@ -1,0 +1,60 @@
+"""Checks of a client reply's content, written once for every strategy.
+
+A strategy's ``parse_reply`` uses :func:`expect_array` for every named array it reads and
+:func:`expect_count` for every count it trusts; each raises
+:class:`~fedsim.errors.ClientUpdateError` naming the client and the field (``record.array``), so the
+reply is recorded as invalid and the round goes on without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedsim.errors import ClientUpdateError
+from fedsim.wire import to_numpy
+
+#: the largest ``num-examples`` a reply may claim
+MAX_NUM_EXAMPLES = 10**9
+
+
+def expect_array(content: RecordDict, pid: int, record: str, array: str, *, dtype: Any | None = None,
+                 kind: str | None = None, shape: tuple[int, ...] | None = None, finite: bool = True,
+                 hint: str = "client and server must build the same model") -> np.ndarray:
+    """The array ``record.array`` of a reply, checked: present, header consistent with its payload,
+    exact ``dtype`` (or dtype ``kind``), ``shape``, and finite (floats)."""
+    if record not in content.array_records:
+        raise ClientUpdateError(pid, record, "missing from the reply",
+                                f"the client task must return an ArrayRecord '{record}'")
+    rec = content.array_records[record]
+    field = f"{record}.{array}"
+    if array not in rec:
+        raise ClientUpdateError(pid, field, "missing from the reply", f"the record '{record}' must hold '{array}'")
+    try:
+        a = to_numpy(rec[array])
+    except ValueError as err:
+        raise ClientUpdateError(pid, field, str(err), "the record is corrupt") from None
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        raise ClientUpdateError(pid, field, f"dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if kind is not None and a.dtype.kind != kind:
+        raise ClientUpdateError(pid, field, f"dtype {a.dtype}, expected kind '{kind}'")
+    if shape is not None and a.shape != tuple(shape):
+        raise ClientUpdateError(pid, field, f"shape {a.shape}, expected {tuple(shape)}", hint)
+    if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ClientUpdateError(pid, field, "contains NaN or Inf",
+                                "lower the learning rate or check the client's data")
+    return a
+
+
+def expect_count(metrics: dict[str, Any], pid: int, key: str = "num-examples", minimum: int = 1,
+                 maximum: int = MAX_NUM_EXAMPLES) -> int:
+    """An integer metric of a reply in ``minimum..maximum`` (a float holding an integer is accepted)."""
+    n = metrics.get(key)
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool) or not minimum <= n <= maximum:
+        raise ClientUpdateError(pid, f"metrics.{key}", f"must be an integer in {minimum}..{maximum}, got {n!r}",
+                                "report the local training-set size")
+    return n

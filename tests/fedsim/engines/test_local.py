@@ -1,0 +1,104 @@
+"""The embedded engine: the real ServerApp/ClientApp, determinism, failures recorded, run directory."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedsim.engines.local import run_local
+from fedsim.results import read_jsonl
+from tests.conftest import tiny
+
+
+def _final(run_dir):
+    return read_jsonl(run_dir / "metrics.jsonl")[-1]
+
+
+def test_run_directory_layout(tmp_path):
+    summary = run_local(tiny(), tmp_path)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    for name in ("config.toml", "metrics.jsonl", "metrics.csv", "clients.jsonl", "summary.json",
+                 "plots/accuracy.png", "plots/loss.png", "plots/participation.png", "checkpoints/latest.json"):
+        assert (tmp_path / name).exists(), name
+    cfg = (tmp_path / "config.toml").read_text()
+    assert "seed = 3" in cfg and "flwr" in cfg and "torch" in cfg
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    clients = read_jsonl(tmp_path / "clients.jsonl")
+    assert {c["client"] for c in clients} == {0, 1, 2, 3} and all(c["status"] == "ok" for c in clients)
+    assert json.loads((tmp_path / "summary.json").read_text())["final"]["test_accuracy"] > 0.1
+
+
+def test_same_seed_same_metrics(tmp_path):
+    a = run_local(tiny(), tmp_path / "a")["final"]
+    b = run_local(tiny(), tmp_path / "b")["final"]
+    assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-9)
+    c = run_local(tiny(["run.seed=4"]), tmp_path / "c")["final"]
+    assert c["test_loss"] != pytest.approx(a["test_loss"], abs=1e-9)
+
+
+def test_client_that_raises_does_not_stop_the_run(tmp_path):
+    s = tiny(["faults.crash_clients=[1]", "faults.crash_rounds=[2]"])
+    summary = run_local(s, tmp_path)
+    assert summary["status"] == "completed"
+    clients = read_jsonl(tmp_path / "clients.jsonl")
+    bad = [c for c in clients if c["status"] != "ok"]
+    assert len(bad) == 1 and bad[0]["client"] == 1 and bad[0]["round"] == 2
+    assert bad[0]["status"] == "error" and "InjectedCrash" in bad[0]["reason"]
+    assert _final(tmp_path)["num-clients"] == 3
+
+
+def test_killed_client_is_recorded(tmp_path):
+    s = tiny(["run.round_timeout=2"])
+    summary = run_local(s, tmp_path, grid_hook=lambda grid: _kill_after_discovery(grid, 2))
+    assert summary["status"] == "completed"
+    bad = [c for c in read_jsonl(tmp_path / "clients.jsonl") if c["status"] != "ok"]
+    assert bad and all(c["client"] == 2 and c["status"] == "timeout" for c in bad)
+
+
+def _kill_after_discovery(grid, pid):
+    # the node answers whoami, then dies before training (like a SuperNode killed mid-run)
+    original = grid._handle
+
+    def handle(msg, context):
+        if context.node_config["partition-id"] == pid and msg.metadata.message_type.startswith("train"):
+            grid.dead.add(context.node_id)
+            raise SystemExit("killed")
+        return original(msg, context)
+
+    grid._handle = handle
+
+
+def test_invalid_update_is_rejected_and_named(tmp_path):
+    s = tiny(["faults.byzantine_clients=[0]", 'faults.attack="nan"'])
+    run_local(s, tmp_path)
+    bad = [c for c in read_jsonl(tmp_path / "clients.jsonl") if c["status"] == "invalid"]
+    assert bad and bad[0]["client"] == 0 and "NaN" in bad[0]["reason"]
+    assert np.isfinite(_final(tmp_path)["test_loss"])
+
+
+def test_dropout_is_seeded(tmp_path):
+    s = tiny(["faults.dropout=0.5", "run.quorum=0.0"])
+    run_local(s, tmp_path / "a")
+    run_local(s, tmp_path / "b")
+    fa = [(c["round"], c["client"], c["status"]) for c in read_jsonl(tmp_path / "a/clients.jsonl")]
+    fb = [(c["round"], c["client"], c["status"]) for c in read_jsonl(tmp_path / "b/clients.jsonl")]
+    assert fa == fb and any(st == "error" for _, _, st in fa)
+
+
+def test_checkpoint_holds_final_model(tmp_path):
+    from fedsim.results import load_checkpoint
+
+    run_local(tiny(), tmp_path)
+    ck = load_checkpoint(tmp_path / "checkpoints" / "round_0002.npz")
+    assert ck["meta"]["round"] == 2 and all(np.isfinite(a).all() for a in ck["model"])
+
+
+def test_crash_mode_exit_is_a_dead_node(tmp_path):
+    s = tiny(["faults.crash_clients=[3]", 'faults.crash_mode="exit"', "faults.crash_rounds=[1]",
+              "run.round_timeout=1"])
+    summary = run_local(s, tmp_path)
+    assert summary["status"] == "completed"
+    bad = [c for c in read_jsonl(tmp_path / "clients.jsonl") if c["status"] != "ok"]
+    assert bad and all(c["client"] == 3 for c in bad) and bad[0]["status"] == "timeout"
+    assert all(c["client"] != 3 for c in read_jsonl(tmp_path / "clients.jsonl") if c["round"] == 2)
