@@ -4,6 +4,7 @@
     python bench/compare_coded.py --stragglers gilbert_elliott     # stragglers that break (B, W, lam)
     python bench/compare_coded.py --seeds 0 1 2 3 4 --jobs 60
     python bench/compare_coded.py --offline                        # the clock alone, no training
+    python bench/compare_coded.py --exactness --seeds 0 1 2 3 4    # GC == uncoded GD in float32?
 
 Every variant runs ``scenarios/coded_stragglers.toml`` through the local engine with the same
 seed, hence the same straggler pattern and time jitter (common random numbers), and computes the
@@ -20,6 +21,13 @@ replicas round-robin, each by exact GD (one step every T + 1 rounds), so every r
 uncoded GD after as many steps (differences ~1e-13). With ``jobs = "delayed"`` one model takes job
 t's gradient when it is decoded (delay up to T): different math (GD with stale gradients), so the
 difference is large and accuracy may suffer at this learning rate.
+
+``--exactness`` checks the default precision (float32 model) instead: 10 workers on Dirichlet(0.3)
+shards, bursty stragglers never above s = 2, 30 steps; per seed, the largest parameter difference
+between GC (cyclic and fractional repetition) and uncoded GD, with the code's worst decoding
+amplification and the bits per message coordinate (issue 12: float32 messages of a cyclic code
+ended up to 8.5e-5 away; they now travel in float64). Fractional repetition runs with s = 1 (it
+needs (s + 1) | 10) and waits for the second straggler when there are two.
 
 ``--offline`` skips training: :func:`simulate_wallclock` replays the scenario's straggler model and
 time model through each scheme's waiting rule (uncoded waits for every worker, GC for the fastest
@@ -91,7 +99,9 @@ def run_one(sets: list[str], rounds: int, seed: int, every_round: bool = False) 
             "trajectory": [_replicas(st)[0] for st in states] if every_round else None,
             "jobs": int(sum(r.get("jobs-decoded", r.get("decoded", 0)) for r in rows)),
             "waited": int(sum(r.get("waited-for-all", 0) + (r.get("waited-stragglers", 0) > 0) for r in rows)),
-            "failed": int(sum(r.get("aggregation-failed", 0) for r in rows))}
+            "failed": int(sum(r.get("aggregation-failed", 0) for r in rows)),
+            "amplification": rows[-1].get("code-amplification", float("nan")),
+            "bits": rows[-1].get("transport-bits", 0)}
 
 
 def gd_gap(run: dict, uncoded: dict) -> float:
@@ -189,6 +199,25 @@ def offline(options: dict, n: int, jobs: int, seeds: list[int]) -> None:
         print(f"| {name} | {runs[0][name]['load']:.3f} | {fmt([r[name]['total'] for r in runs])} | {fmt(speed)}× |")
 
 
+EXACT_SETS = ['strategy.precision="float32"', "data.num_clients=10", 'data.partitioner="dirichlet"',
+              "data.partition.alpha=0.3", "data.partition.min_partition_size=5", 'strategy.stragglers="bursty"',
+              "strategy.B=1", "strategy.W=2", "strategy.lam=2", "strategy.p_start=0.5"]
+
+
+def exactness(seeds: list[int], steps: int = 30) -> None:
+    """Print, per seed, the max |param diff| of GD with gradient coding vs uncoded GD (float32 model)."""
+    print(f"\nDefault precision (float32 model): 10 workers, Dirichlet 0.3, bursty stragglers <= s = 2, {steps} "
+          "steps.\n")
+    print("| seed | scheme | code amplification | message bits | max abs param diff vs uncoded GD |")
+    print("|---|---|---|---|---|")
+    for seed in seeds:
+        ref = run_one([*EXACT_SETS, "strategy.s=0"], steps, seed)["replicas"][0]
+        for scheme, s in (("cyclic", 2), ("fr", 1)):          # fractional repetition needs (s + 1) | 10
+            run = run_one([*EXACT_SETS, f"strategy.s={s}", f'strategy.scheme="{scheme}"'], steps, seed)
+            print(f"| {seed} | {scheme}, s = {s} | {run['amplification']:.3g} | {run['bits']} | "
+                  f"{float(np.max(np.abs(run['replicas'][0] - ref))):.1e} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -196,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stragglers", default="bursty", choices=["bursty", "gilbert_elliott", "bernoulli"])
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra scenario override")
     ap.add_argument("--offline", action="store_true", help="the simulated clock alone (no training)")
+    ap.add_argument("--exactness", action="store_true", help="GC vs uncoded GD in the default precision")
     args = ap.parse_args(argv)
     from fedsim.config import load_scenario
+
+    if args.exactness:
+        exactness(args.seeds)
+        return 0
 
     base = [f'strategy.stragglers="{args.stragglers}"', *args.sets]
     scen = load_scenario(SCENARIO, base)

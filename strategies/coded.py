@@ -36,7 +36,7 @@ from fedsim.errors import ClientUpdateError, ConfigError, DataError
 from fedsim.rng import numpy_rng
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
 from fedsim.strategies.coded_work import Work, end_gc_round, end_sequential_round, make_work_layout
-from fedsim.strategies.coded_math import encode
+from fedsim.strategies.coded_math import encode, message_dtype
 from fedsim.strategies.gradients import ParamLayout, check_gradient_model, flat_gradient
 from fedsim.strategies.replies import expect_array
 from fedsim.strategies.stragglers_math import ComputeTimeModel, draw_stragglers
@@ -82,9 +82,11 @@ def coded_gradient_task(call: ClientCall) -> RecordDict:
     rt = call.runtime
     if f64:
         model = rt.cache("coded-model-float64", lambda: copy.deepcopy(rt.model).double())
-        dtype, out_dtype = torch.float64, np.float64
+        dtype = torch.float64
     else:
-        model, dtype, out_dtype = rt.model, torch.float32, np.float32
+        model, dtype = rt.model, torch.float32
+    # the server picks the message dtype (coded_math.message_dtype): float64 unless uncoded
+    out_dtype = np.float64 if str(cfg.get("transport", "float64" if f64 else "float32")) == "float64" else np.float32
     model.train()
     dim = ParamLayout.from_model(model).dim
     records = call.msg.content.array_records
@@ -135,6 +137,7 @@ class CodedOptions:
     overhead: float = 0.0           # fixed simulated seconds per round
     jobs: str = "interleaved"       # sequential GC: interleaved (T + 1 model replicas) | delayed
     precision: str = "float32"      # float32 | float64 (server master copy + float64 gradients)
+    # coded messages travel in float64 unless s = 0 (uncoded): see coded_math.message_dtype
 
     def __post_init__(self) -> None:
         checks = [
@@ -194,6 +197,8 @@ class CodedGD(FedSimStrategy):
             [len(i) for i in federation_of(scenario).client_indices], scheme=SCHEMES[o.scheme], s=o.s,
             sequential=o.sequential, B=o.B, W=o.W, lam=o.lam, rounds=self.rounds, seed=self.seed)
         self.code, self.sched, self.T = self.work_layout.code, self.work_layout.sched, self.work_layout.T
+        #: dtype of the coded messages: float64 unless each is one piece gradient (coded_math.message_dtype)
+        self.message_dtype = message_dtype(self.code.B, o.precision)
         self.N = self.work_layout.total
         self.time_model = ComputeTimeModel(o.base_time, o.jitter, o.straggler_delay, o.overhead)
         self.pattern = draw_stragglers(o.stragglers, numpy_rng(self.seed, "coded-stragglers", o.stragglers), n,
@@ -243,7 +248,8 @@ class CodedGD(FedSimStrategy):
 
     def train_config(self, server_round: int, partition_id: int) -> dict[str, Any]:
         tasks = self.work_layout.task_list(self.work.get(partition_id, []))
-        return {"tasks": json.dumps(tasks), "job": server_round - 1, "precision": self.options.precision}
+        return {"tasks": json.dumps(tasks), "job": server_round - 1, "precision": self.options.precision,
+                "transport": np.dtype(self.message_dtype).name}
 
     def train_arrays(self, server_round: int, partition_id: int, arrays: ArrayRecord) -> ArrayRecord:
         return arrays if self._round_record is None else self._round_record
@@ -266,7 +272,7 @@ class CodedGD(FedSimStrategy):
         if rec is not None and list(rec.keys()) != want:
             raise ClientUpdateError(pid, CODED_RECORD,
                                     f"keys {list(rec.keys())[:5]} != {want[:5]} (one array per task)")
-        dtype = np.float64 if self.options.precision == "float64" else np.float32
+        dtype = self.message_dtype
         return [np.asarray(expect_array(content, pid, CODED_RECORD, k, dtype=dtype, shape=(self.layout.dim,)),
                            dtype=np.float64) for k in want]
 
@@ -285,7 +291,9 @@ class CodedGD(FedSimStrategy):
         times = {p: float(x) for p, x in zip(active, t)}
         m: dict[str, float | int] = {
             "worker-load-mean": float(sum(loads) / self.num_partitions), "worker-load-max": max(loads, default=0.0),
-            "nominal-load": float(self.work_layout.nominal_load), "stragglers": int(self.pattern[r].sum())}
+            "nominal-load": float(self.work_layout.nominal_load), "stragglers": int(self.pattern[r].sum()),
+            "code-amplification": float(self.code.amplification),
+            "transport-bits": 8 * np.dtype(self.message_dtype).itemsize}
         if self.sched is None:
             end = end_gc_round(self.work_layout, server_round, {p: u.arrays[0] for p, u in by_pid.items()}, times,
                                self.pattern[r], self.options.on_excess)

@@ -26,7 +26,7 @@ import numpy as np
 from fedsim.data.splits import largest_remainder
 from fedsim.errors import AggregationError, ConfigError
 from fedsim.rng import numpy_rng
-from fedsim.strategies.coded_math import GradientCode, make_code
+from fedsim.strategies.coded_math import MAX_AMPLIFICATION, GradientCode, make_code
 from fedsim.strategies.sequential_coded_math import MultiplexedSGC, SelectiveRepeatSGC
 from fedsim.strategies.stragglers_math import stragglers_from_times
 
@@ -168,7 +168,13 @@ def _code(n: int, s: int, scheme: str, option: str, seed: int) -> GradientCode:
     if scheme == "fractional" and n % (s + 1):
         raise ConfigError("strategy.scheme", f"fractional repetition needs (s + 1) | n, got s = {s}, n = {n}",
                           "use scheme = \"cyclic\", or an s with s + 1 dividing data.num_clients")
-    return make_code(n, s, scheme, numpy_rng(seed, "gradient-code"))
+    code = make_code(n, s, scheme, numpy_rng(seed, "gradient-code"))
+    if code.amplification > MAX_AMPLIFICATION:    # conditioning check (coded_math module docstring)
+        raise ConfigError(f"strategy.{option}", f"the best of the cyclic codes drawn for n = {n}, s = {s} decodes "
+                          f"with amplification {code.amplification:.3g} > {MAX_AMPLIFICATION:.3g}: its decoded "
+                          "gradients would not be exact even from float64 messages",
+                          "use scheme = \"fr\" (amplification 1), a smaller s, or another run.seed")
+    return code
 
 
 def make_work_layout(shard_sizes: Sequence[int], *, scheme: str, s: int, sequential: str, B: int, W: int,
@@ -233,9 +239,11 @@ def end_gc_round(layout: WorkLayout, server_round: int, coded: Mapping[int, np.n
                 "raise strategy.s, or use on_excess = \"wait\" to wait for the fastest stragglers")
     else:
         round_time = times[used[-1]] if used else 0.0
+    amplification = None
     if error is None:
         try:
             grads = [(r, layout.code.decode(used, [coded[p] for p in used]))]
+            amplification = layout.code.amplification_of(used)
         except AggregationError as err:
             error = err
     end = RoundEnd(used, round_time, np.asarray(stragglers, dtype=bool))
@@ -245,6 +253,8 @@ def end_gc_round(layout: WorkLayout, server_round: int, coded: Mapping[int, np.n
         end.metrics["aggregation-failed"] = 1
     end.grads = grads
     end.metrics["decoded"] = int(bool(grads))
+    if amplification is not None:
+        end.metrics["decode-amplification"] = float(amplification)
     end.metrics["waited-stragglers"] = int(sum(1 for p in end.used if stragglers[p]))
     for p in coded:
         if p not in end.used and stragglers[p]:

@@ -251,6 +251,23 @@ def test_coded_reply_validation():
         st.parse_reply(RecordDict({"coded": ArrayRecord({"0": from_numpy(good)})}), {}, 4)  # not a worker
 
 
+@pytest.mark.parametrize("scheme, s, dtype", [("cyclic", 1, np.float64), ("fr", 1, np.float64),
+                                               ("cyclic", 0, np.float32)])
+def test_messages_travel_in_float64_unless_uncoded(scheme, s, dtype):
+    # default precision (float32): coded messages are combinations of float32 gradients, and one
+    # float32 rounding of them is magnified by decoding and by GD (issue 12): float64 on the wire.
+    # Uncoded (s = 0) messages are single float32 gradients: float32 carries them losslessly.
+    st = make_strategy(scenario(f'strategy.scheme="{scheme}"', f"strategy.s={s}", 'strategy.precision="float32"'))
+    assert st.message_dtype == dtype
+    st.work = st.work_layout.round_work(0)
+    assert st.train_config(1, 3)["transport"] == np.dtype(dtype).name
+    good, other = np.zeros(st.layout.dim, dtype=dtype), np.zeros(st.layout.dim, dtype=np.float32 if
+                                                                  dtype == np.float64 else np.float64)
+    assert st.parse_reply(RecordDict({"coded": ArrayRecord({"0": from_numpy(good)})}), {}, 3)[0].dtype == np.float64
+    with pytest.raises(ClientUpdateError):
+        st.parse_reply(RecordDict({"coded": ArrayRecord({"0": from_numpy(other)})}), {}, 3)
+
+
 @pytest.mark.parametrize("sets, key", [
     (["strategy.fraction_train=0.5"], "strategy.fraction_train"),
     (["faults.stragglers=0.2"], "faults.stragglers"),

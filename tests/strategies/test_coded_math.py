@@ -1,4 +1,5 @@
-"""Gradient coding: exhaustive straggler sets, typed failures, coded GD == full GD (spec section 4a)."""
+"""Gradient coding: exhaustive straggler sets, typed failures, coded GD == full GD (spec section 4a);
+conditioning: decoding amplification, the best-conditioned cyclic code, the message dtype (issue 12)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,23 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedsim.errors import AggregationError, ConfigError
 from fedsim.rng import numpy_rng
 from fedsim.strategies.coded_math import (
+    MAX_AMPLIFICATION,
     GradientCode,
+    code_amplification,
     cyclic_repetition_code,
     decode,
+    decoding_amplification,
     decoding_vector,
     encode,
     fractional_repetition_code,
     make_code,
+    message_dtype,
 )
 
 
@@ -140,3 +147,83 @@ def test_coded_gd_equals_full_gd(scheme, n, s):
         w_coded = w_coded - lr * code.decode(survivors, coded)
     np.testing.assert_allclose(w_coded, w_full, rtol=0, atol=1e-6)
     assert np.max(np.abs(w_coded - w_full)) < 1e-9
+
+
+# ------------------------------------------------------------------------------------ conditioning
+U32 = 2.0 ** -24          # float32 unit round-off
+
+
+def cancelling_gradients(rng: np.random.Generator, n: int, d: int = 64) -> np.ndarray:
+    """float32 partial gradients that mostly cancel in the sum (label skew): ``sum_j |g_j| >> |sum_j g_j|``."""
+    common = rng.standard_normal(d)
+    signs = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)
+    return (signs[:, None] * common + 1e-2 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def decode_in(code: GradientCode, survivors, grads: np.ndarray, dtype) -> np.ndarray:
+    messages = {i: code.encode(i, grads).astype(dtype) for i in survivors}     # what a worker sends
+    return code.decode(survivors, messages)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["cyclic", "fractional"]), st.integers(2, 12), st.integers(0, 4), st.integers(0, 2**16),
+       st.data())
+def test_messages_in_message_dtype_decode_to_float32_round_off_of_the_plain_sum(scheme, n, s, seed, data):
+    s = min(s, n - 1)
+    if scheme == "fractional":
+        n = max(n - n % (s + 1), s + 1)
+    code = make_code(n, s, scheme, numpy_rng(seed, "gradient-code"))
+    dtype = message_dtype(code.B)
+    assert (dtype == np.float32) == (s == 0)                  # float32 carries only single pieces losslessly
+    rng = np.random.default_rng(seed)
+    grads = cancelling_gradients(rng, n)
+    stragglers = data.draw(st.lists(st.integers(0, n - 1), max_size=s, unique=True))
+    survivors = [i for i in range(n) if i not in stragglers]
+    plain = grads.astype(np.float64).sum(axis=0)
+    bound = U32 * np.abs(grads.astype(np.float64)).sum(axis=0)
+    err = np.abs(decode_in(code, survivors, grads, dtype) - plain)
+    assert np.all(err <= 1.01 * bound), float(np.max(err / bound))
+    assert code.amplification_of(survivors) <= code.amplification * (1 + 1e-9)
+
+
+def test_float32_messages_of_a_cyclic_code_are_not_exact():
+    """The negative control of the test above: the reference's single random draw for n = 10, s = 2
+    (seed 0) decodes with amplification 6.8e4, and float32 messages miss the plain sum by far more
+    than float32 round-off; float64 messages do not."""
+    code = make_code(10, 2, "cyclic", numpy_rng(0, "gradient-code"), candidates=1)
+    assert code.amplification > 1e4 and message_dtype(code.B) == np.float64
+    grads = cancelling_gradients(np.random.default_rng(0), 10)
+    plain = grads.astype(np.float64).sum(axis=0)
+    bound = U32 * np.abs(grads.astype(np.float64)).sum(axis=0)
+    worst32 = worst64 = 0.0
+    for F in itertools.combinations(range(10), 8):
+        worst32 = max(worst32, float(np.max(np.abs(decode_in(code, F, grads, np.float32) - plain) / bound)))
+        worst64 = max(worst64, float(np.max(np.abs(decode_in(code, F, grads, np.float64) - plain) / bound)))
+    assert worst32 > 100 and worst64 < 1e-3
+
+
+def test_code_amplification_is_the_worst_survivor_set_and_the_best_candidate_is_kept():
+    for n, s in [(7, 2), (10, 2), (9, 3)]:
+        one = make_code(n, s, "cyclic", numpy_rng(n, s, "gradient-code"), candidates=1)
+        best = make_code(n, s, "cyclic", numpy_rng(n, s, "gradient-code"), candidates=8)
+        each = [decoding_amplification(one.B, F, decoding_vector(one.B, F, max_amplification=np.inf))
+                for F in itertools.combinations(range(n), n - s)]
+        worst, exhaustive = code_amplification(one.B, s)
+        assert exhaustive and worst == pytest.approx(max(each), rel=1e-6) and one.amplification == worst
+        assert best.amplification <= one.amplification          # the first candidate is the same draw
+    sampled, exhaustive = code_amplification(make_code(30, 5, "cyclic", numpy_rng(1)).B, 5, numpy_rng(2), 50)
+    assert not exhaustive and 1.0 < sampled < MAX_AMPLIFICATION
+    fr, uncoded = make_code(6, 2, "fractional"), make_code(6, 0, "cyclic", numpy_rng(0))
+    assert fr.amplification == pytest.approx(1.0) and uncoded.amplification == pytest.approx(1.0)
+    assert message_dtype(uncoded.B) == np.float32 and message_dtype(fr.B) == np.float64   # a sum rounds once
+    assert message_dtype(uncoded.B, "float64") == np.float64
+
+
+def test_ill_conditioned_survivor_sets_are_refused():
+    code = make_code(10, 2, "cyclic", numpy_rng(0, "gradient-code"), candidates=1)
+    F = max(itertools.combinations(range(10), 8), key=lambda F: code.amplification_of(list(F)))
+    amp = code.amplification_of(list(F))
+    with pytest.raises(AggregationError, match="amplification"):
+        decoding_vector(code.B, F, max_amplification=amp / 2)
+    np.testing.assert_allclose(decoding_vector(code.B, F, max_amplification=amp * 2) @ code.B[list(F)], 1.0,
+                               atol=1e-9)

@@ -83,6 +83,8 @@ def test_gc_round_waits_for_the_first_n_minus_s():
                         "4.000 s)"}
     (job, g), = end.grads
     assert job == 0 and np.allclose(g, grads.sum(axis=0))
+    amp = end.metrics.pop("decode-amplification")            # how much decoding magnified round-off
+    assert amp == lay.code.amplification_of([0, 2, 3, 5]) and 1.0 < amp <= lay.code.amplification
     assert end.metrics == {"decoded": 1, "waited-stragglers": 0}
 
 
@@ -198,3 +200,15 @@ def test_gradient_code_is_seeded():
     a, b = layout_of([5] * 6, s=2, seed=4), layout_of([5] * 6, s=2, seed=4)
     np.testing.assert_array_equal(a.code.B, b.code.B)
     np.testing.assert_array_equal(a.code.B, make_code(6, 2, "cyclic", numpy_rng(4, "gradient-code")).B)
+
+
+def test_a_code_too_ill_conditioned_to_be_exact_is_refused(monkeypatch):
+    import fedsim.strategies.coded_work as coded_work
+
+    amp = layout_of([5] * 6, s=2, seed=4).code.amplification
+    assert 1.0 < amp < coded_work.MAX_AMPLIFICATION
+    monkeypatch.setattr(coded_work, "MAX_AMPLIFICATION", amp / 2)
+    with pytest.raises(ConfigError, match="amplification") as err:
+        layout_of([5] * 6, s=2, seed=4)
+    assert err.value.key == "strategy.s"
+    assert layout_of([5] * 6, s=2, scheme="fractional").code.amplification == pytest.approx(1.0)   # never refused
