@@ -56,6 +56,16 @@ def fingerprint(path: Path, rounds: int) -> dict:
             "privacy": privacy, "model_sha256": digest.hexdigest()}
 
 
+def _same(ref, new, added: set, where: str) -> bool:
+    """``new`` equals ``ref`` on every key ``ref`` has (keys only in ``new`` go to ``added``)."""
+    if isinstance(ref, dict) and isinstance(new, dict):
+        added.update(f"{where.split('.')[-1]}:{k}" for k in set(new) - set(ref))
+        return all(k in new and _same(ref[k], new[k], added, where) for k in ref)
+    if isinstance(ref, list) and isinstance(new, list):
+        return len(ref) == len(new) and all(_same(a, b, added, where) for a, b in zip(ref, new))
+    return ref == new
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
@@ -76,14 +86,17 @@ def main() -> int:
         args.save.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     if args.compare:
         ref = json.loads(args.compare.read_text())["scenarios"]
-        bad = []
+        bad, added = [], set()
         for name, fp in out["scenarios"].items():
             if name not in ref:
                 print(f"{name}: no reference")
                 continue
             for part in ("status", "metrics", "clients", "privacy", "model_sha256"):
-                if fp[part] != ref[name][part]:
+                if not _same(ref[name][part], fp[part], added, f"{name}.{part}"):
                     bad.append(f"{name}: {part} differs")
+        if added:
+            print("keys added since the reference (values of every reference key compared):",
+                  ", ".join(sorted(added)))
         print("\n".join(bad) or f"all {len(out['scenarios'])} scenarios identical to {args.compare}")
         return 1 if bad else 0
     return 0

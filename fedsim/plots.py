@@ -65,7 +65,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for mech in sorted({p.get("mechanism", "total") for p in priv}):
             pts = [(p["round"], p["epsilon"]) for p in priv if p.get("mechanism", "total") == mech]
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=mech)
+            label = "dp-sgd (worst client)" if mech == "dp-sgd" else mech
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=label)
         ax.set_xlabel("round")
         ax.set_ylabel("ε")
         ax.legend()

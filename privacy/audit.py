@@ -8,9 +8,10 @@ independent trials, with one-sided Clopper–Pearson bounds, gives with the stat
 
 A sound implementation must keep this below the claimed ε; a bug that weakens the noise pushes it
 above (Jagielski, Ullman, Oprea, NeurIPS 2020; Nasr et al., S&P 2021 and USENIX Security 2023).
-The threshold is chosen on one half of the trials and the bound is computed on the other half, so
-the selection does not bias the bound. Resolving power is capped near ln(trials): audit mechanisms
-whose per-release ε is at most about 4.
+The threshold is chosen on one part of the trials (half by default) and the bound is computed on
+the rest, so the selection does not bias the bound. Resolving power is capped near ln(trials): audit
+mechanisms whose per-release ε is at most about 4. This module holds the statistics and a stand-alone
+Gaussian audit; :mod:`fedsim.privacy.audit_run` audits a scenario's real training path.
 """
 
 from __future__ import annotations
@@ -89,18 +90,26 @@ class AuditResult:
 
 
 def audit_scores(with_canary: Sequence[float], without: Sequence[float], *, delta: float,
-                 claimed_epsilon: float, confidence: float = 0.95, num_thresholds: int = 200) -> AuditResult:
+                 claimed_epsilon: float, confidence: float = 0.95, num_thresholds: int = 200,
+                 select_fraction: float = 0.5) -> AuditResult:
     """ε lower bound from scores of trials with and without the canary (higher = "canary in").
 
-    The first half of each score list picks the threshold (the best bound among ``num_thresholds``
-    quantiles); the second half yields the bound. Each Clopper–Pearson bound is taken at
-    α = (1 − confidence)/2, so both hold together with probability ≥ ``confidence``.
+    The first ``select_fraction`` of each score list picks the threshold (the best bound among
+    ``num_thresholds`` quantiles); the rest yields the bound, so the choice does not bias it. Each
+    Clopper–Pearson bound is taken at α = (1 − confidence)/2, so both hold together with probability
+    ≥ ``confidence``. The trials must be independent (one canary per run, fresh randomness per run).
     """
     s_in, s_out = np.asarray(with_canary, dtype=np.float64), np.asarray(without, dtype=np.float64)
     if min(len(s_in), len(s_out)) < 20:
         raise ConfigError("audit.trials", "too few trials for an audit", "use thousands of trials per side")
+    if not 0 < select_fraction < 1:
+        raise ConfigError("audit.select_fraction", f"must lie in (0, 1), got {select_fraction}",
+                          "use 0.25–0.5: the rest of the trials yields the bound")
+    if not np.all(np.isfinite(s_in)) or not np.all(np.isfinite(s_out)):
+        raise ConfigError("audit.scores", "a trial's score is NaN or infinite",
+                          "check the mechanism's output: a released model must be finite")
     alpha = (1.0 - confidence) / 2.0
-    half_in, half_out = len(s_in) // 2, len(s_out) // 2
+    half_in, half_out = int(len(s_in) * select_fraction), int(len(s_out) * select_fraction)
     pick_in, eval_in = s_in[:half_in], s_in[half_in:]
     pick_out, eval_out = s_out[:half_out], s_out[half_out:]
     candidates = np.quantile(np.concatenate([pick_in, pick_out]), np.linspace(0.0, 1.0, num_thresholds))

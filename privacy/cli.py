@@ -83,3 +83,34 @@ def utility(
     from fedsim.plots import plot_privacy_utility
 
     console.print(str(plot_privacy_utility(run_dirs, out)))
+
+
+@privacy_app.command()
+def audit(
+    scenario: Annotated[str, typer.Argument(help="scenario TOML file (or the name of a built-in one)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="override: section.key=value")] = None,
+    trials: Annotated[int, typer.Option(help="runs of the mechanism in all, half of them with the canary")] = 4000,
+    confidence: Annotated[float, typer.Option(help="confidence of the lower bound (Clopper–Pearson)")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="root seed (run.seed)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Empirical lower bound on ε from canaries run through the scenario's real DP code, beside the claimed ε.
+
+    Exits with code 13 (AuditViolation) when the bound exceeds the claim (the claim is then refuted at that confidence).
+    """
+    from fedsim.catalog import resolve
+    from fedsim.config import load_scenario
+    from fedsim.privacy.audit_run import audit_scenario
+
+    overrides = list(set_ or []) + ([f"run.seed={seed}"] if seed is not None else [])
+    report = audit_scenario(resolve(load_scenario(scenario, overrides)), trials=trials, confidence=confidence)
+    r, rel = report.to_dict(), report.release
+    verdict = "[red]VIOLATED: the claim is refuted[/red]" if r["violated"] else "consistent with the claim"
+    _emit(r, fmt, f"{report.mechanism} ({rel['count']} {rel['kind']}, z = {rel['noise_multiplier']:g}, "
+                  f"q = {rel['sample_rate']:.4g}, {rel['accountant']}): claimed ε = {r['claimed_epsilon']:.4g}, "
+                  f"audited ε ≥ {r['epsilon_lower_bound']:.4g} at {confidence:.0%} confidence over {r['trials']} "
+                  f"trials (δ = {r['delta']:g}): {verdict}")
+    if r["violated"]:
+        from fedsim.errors import AuditViolation
+
+        raise typer.Exit(code=AuditViolation.exit_code)

@@ -200,9 +200,9 @@ def adaptive_noise_multiplier(total_noise_multiplier: float, clipped_count_stdde
         raise ConfigError("privacy.noise_multiplier", f"must be > 0 for adaptive clipping, got {z}",
                           "use a positive noise multiplier")
     if sb <= 0 or (2.0 * sb) <= z:
-        raise ConfigError("privacy.clipped_count_stddev",
+        raise ConfigError("privacy.count_noise",
                           f"σ_b={sb:g} leaves no budget for the update: need 2σ_b > z={z:g}",
-                          "raise the clipped-count noise (Andrew et al. suggest σ_b = m/20)")
+                          "raise privacy.count_noise (Andrew et al. suggest σ_b = m/20 for m clients a round)")
     return (z ** -2 - (2.0 * sb) ** -2) ** -0.5
 
 

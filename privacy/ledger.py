@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import PrivacyBudgetExceeded
-from fedsim.privacy.mechanisms import CounterMechanism, DPSGDMechanism, Mechanism, RoundOutcome
+from fedsim.privacy.mechanisms import CounterMechanism, Mechanism, RoundOutcome
 from fedsim.rng import numpy_rng
 
 
@@ -83,6 +83,16 @@ class PrivacyLedger:
                             "budget": self.budget or None})
         return records
 
+    def round_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The round's row in ``metrics.jsonl``: the total ε, each mechanism's ε under its own name
+        (``epsilon/dp-sgd`` is the worst client's), and the released counters."""
+        out: dict[str, Any] = {}
+        for r in records:
+            key = "epsilon" if r["mechanism"] == "total" else f"epsilon/{r['mechanism']}"
+            out[key] = r["epsilon"]
+        out.update(self.released())
+        return out
+
     def released(self) -> dict[str, Any]:
         return {f"released/{m.name.split('/')[-1]}": m.released for m in self.mechanisms
                 if isinstance(m, CounterMechanism) and m.released is not None}
@@ -105,8 +115,6 @@ def build_ledger(scenario, strategy_mechanisms: list[Mechanism], federation) -> 
     p = scenario.privacy
     if p.mechanism == "none":
         return None
-    mechanisms = list(strategy_mechanisms)
-    if p.mechanism == "dp-sgd":
-        mechanisms.append(DPSGDMechanism(scenario, federation.client_sizes()))
+    mechanisms = list(strategy_mechanisms)  # DP-FedAvg / DP-FTRL / the DP-SGD account
     mechanisms += released_counters(scenario, int(federation.num_classes))
     return PrivacyLedger(mechanisms, p.delta, p.max_epsilon)

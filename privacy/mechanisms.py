@@ -47,6 +47,10 @@ class Mechanism:
     def epsilon_next(self, rnd: int, delta: float) -> float:
         raise NotImplementedError
 
+    def check_reply(self, pid: int, metrics: dict[str, Any]) -> None:
+        """Raise ``ClientUpdateError`` if a reply's mechanism parameters are not the accounted ones."""
+        return None
+
     def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
         return {}
 
@@ -126,13 +130,19 @@ class DPFTRLMechanism(Mechanism):
 
 
 class DPSGDMechanism(Mechanism):
-    """Mirror of the clients' DP-SGD accountants; the budget check assumes the worst client is sampled."""
+    """The server's account of every client's DP-SGD: the Poisson rate ``q_i`` and the number of
+    private steps ``T_i`` each client must use are planned here from ``[privacy]`` and ``[client]``
+    (the client derives the same from the same scenario); a reply whose reported parameters differ is
+    rejected (:meth:`check_reply`) and the accountants compose the *planned* event for every accepted
+    participant — never a figure the client reported. ε is the worst client's; the budget check
+    assumes the worst client is sampled next round."""
 
     name = "dp-sgd"
 
     def __init__(self, scenario, sizes: np.ndarray) -> None:
         p, c = scenario.privacy, scenario.client
-        self.z, self.kind = p.noise_multiplier, p.accountant
+        self.z, self.clip, self.kind = float(p.noise_multiplier), float(p.clip_norm), p.accountant
+        self.delta = float(p.delta)
         self.accountants = {i: make_accountant(self.kind) for i in range(len(sizes))}
         self.plan: dict[int, tuple[float, int]] = {}
         for i, n in enumerate(sizes):
@@ -142,6 +152,25 @@ class DPSGDMechanism(Mechanism):
                 steps = min(steps, c.max_steps)
             self.plan[i] = (q, steps)
 
+    def check_reply(self, pid: int, metrics: dict[str, Any]) -> None:
+        """Raise ``ClientUpdateError`` unless the reply's DP-SGD parameters are the accounted ones."""
+        from fedsim.errors import ClientUpdateError
+
+        if pid not in self.plan:
+            raise ClientUpdateError(pid, "partition-id", "not a client of this federation")
+        q, steps = self.plan[pid]
+        expected = {"dp_sgd/noise_multiplier": self.z, "dp_sgd/clip_norm": self.clip, "dp_sgd/sample_rate": q,
+                    "dp_sgd/steps": float(steps), "dp_sgd/poisson": 1.0}
+        for key, want in expected.items():
+            got = metrics.get(key)
+            if not isinstance(got, (int, float)) or isinstance(got, bool):
+                raise ClientUpdateError(pid, f"metrics.{key}", f"missing from a DP-SGD reply (got {got!r})",
+                                        "the client must run the dp_sgd plugin with the [privacy] settings")
+            if not math.isclose(float(got), want, rel_tol=1e-9, abs_tol=0.0):
+                raise ClientUpdateError(pid, f"metrics.{key}", f"{got!r} differs from the accounted {want!r}; "
+                                        "the reply is not aggregated", "clients must use the [privacy] settings "
+                                        "and the scenario's local data size")
+
     def epsilon(self, delta: float) -> float:
         return max(a.epsilon(delta) for a in self.accountants.values())
 
@@ -149,14 +178,18 @@ class DPSGDMechanism(Mechanism):
         return max(a.epsilon_if(PoissonGaussianEvent(self.z, self.plan[i][0]), self.plan[i][1], delta)
                    for i, a in self.accountants.items())
 
+    def client_epsilons(self, delta: float) -> dict[int, float]:
+        return {i: a.epsilon(delta) for i, a in self.accountants.items()}
+
     def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
         for pid in outcome.participants:
-            m = outcome.metrics.get(pid, {})
-            steps = int(m.get("dp_sgd/steps", 0))
-            q = float(m.get("dp_sgd/sample_rate", self.plan[pid][0]))
+            q, steps = self.plan[pid]
             if steps:
                 self.accountants[pid].compose(PoissonGaussianEvent(self.z, q), steps)
-        return {"participants": len(outcome.participants)}
+        eps = self.client_epsilons(self.delta)
+        worst = max(eps, key=lambda i: (eps[i], -i))
+        return {"participants": len(outcome.participants), "worst_client": worst,
+                "clients": {str(i): _finite(e) for i, e in eps.items()}}
 
     def state_dict(self) -> dict[str, Any]:
         return {str(i): a.state_dict() for i, a in self.accountants.items()}
@@ -164,6 +197,10 @@ class DPSGDMechanism(Mechanism):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             self.accountants[int(k)].load_state_dict(v)
+
+
+def _finite(x: float) -> float:
+    return float(x) if math.isfinite(x) else 1e300
 
 
 class CounterMechanism(Mechanism):

@@ -49,13 +49,14 @@ class DPFedAvg(FedSimStrategy):
         p = self.p = scenario.privacy
         self.mechanism = ClientLevelMechanism(p.noise_multiplier, p.client_sampling, self.fraction_train,
                                               super().sample_size(), self.num_partitions, p.accountant)
+        self.mechanisms.append(self.mechanism)
         self.clip_norm = p.clip_norm
         self.expected_m = max(1, round(self.mechanism.rate * self.num_partitions)) \
             if self.mechanism.sampling == "poisson" else None
         self.last_round: dict[str, float] = {}
-
-    def privacy_mechanisms(self):
-        return [self.mechanism]
+        if p.adaptive_clipping and p.noise_multiplier > 0:  # refuse before the run, not inside round 1
+            m = self.expected_m if self.expected_m is not None else self.mechanism.sample_size
+            adaptive_noise_multiplier(p.noise_multiplier, p.count_noise or m / 20.0)
 
     def sample_size(self, fraction=None) -> int:
         return self.mechanism.sample_size if fraction is None else super().sample_size(fraction)

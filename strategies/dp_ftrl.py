@@ -45,6 +45,7 @@ class DPFTRL(FedSimStrategy):
         self.m = min(self.m, self.num_partitions)
         self.rounds_per_epoch = self.num_partitions // self.m
         self.mechanism = DPFTRLMechanism(p.noise_multiplier, self.rounds_per_epoch, p.ftrl_restart_every)
+        self.mechanisms.append(self.mechanism)
         restart = p.ftrl_restart_every * self.rounds_per_epoch if p.ftrl_restart_every else None
         self.noise = DPFTRLNoise(self.mechanism.noise_multiplier, p.clip_norm, restart_every=restart, efficient=self.options.efficient,
                                  seed=None if p.secure_rng else derive_seed(scenario.run.seed, "dp-ftrl"))
@@ -74,9 +75,6 @@ class DPFTRL(FedSimStrategy):
         for j, i in enumerate(idx):
             out[i] = (self.w0[j] + self.options.server_lr * noisy_sum[j] / self.m).astype(self.current[i].dtype)
         return out
-
-    def privacy_mechanisms(self):
-        return [self.mechanism]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The start point ``w_0`` and the noise tree (its drawn noise and position)."""

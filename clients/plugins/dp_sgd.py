@@ -140,8 +140,12 @@ class DPSGD(ClientPlugin):
             self.accountant.compose(PoissonGaussianEvent(self.settings.noise_multiplier, self.q), self.steps)
         eps = self.accountant.epsilon(self.settings.delta)
         state.metrics["dp_sgd/epsilon"] = float(eps) if math.isfinite(eps) else 1e300
+        # what this client did, for the server to verify against what it accounts
         state.metrics["dp_sgd/steps"] = float(self.steps)
         state.metrics["dp_sgd/sample_rate"] = float(self.q)
+        state.metrics["dp_sgd/noise_multiplier"] = float(self.settings.noise_multiplier)
+        state.metrics["dp_sgd/clip_norm"] = float(self.settings.clip_norm)
+        state.metrics["dp_sgd/poisson"] = int(self.settings.poisson)
         state.metrics["train_loss"] = self.loss_total / max(self.samples, 1)
 
     def state_dict(self) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedsim.errors import ConfigError
 from fedsim.privacy.analysis import gaussian_epsilon_exact
@@ -53,3 +55,49 @@ def test_identical_distributions_give_no_evidence():
     assert result.epsilon_lower_bound < 0.5 and not result.violated
     with pytest.raises(ConfigError):
         audit_scores([1.0] * 5, [0.0] * 5, delta=1e-5, claimed_epsilon=1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 2000), frac=st.floats(0, 1), alpha=st.floats(1e-4, 0.4))
+def test_clopper_pearson_brackets_the_observed_rate(n, frac, alpha):
+    k = int(round(frac * n))
+    lo, hi = float(clopper_pearson_lower(k, n, alpha)), float(clopper_pearson_upper(k, n, alpha))
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    # a wider interval at a smaller alpha
+    assert float(clopper_pearson_lower(k, n, alpha / 2)) <= lo and float(clopper_pearson_upper(k, n, alpha / 2)) >= hi
+
+
+@settings(max_examples=200, deadline=None)
+@given(tpr=st.floats(0, 1), fpr=st.floats(1e-6, 1), bump=st.floats(0, 0.5), delta=st.sampled_from([0.0, 1e-5, 1e-3]))
+def test_epsilon_from_rates_is_monotone(tpr, fpr, bump, delta):
+    base = float(epsilon_from_rates(tpr, fpr, delta))
+    assert base >= 0
+    assert float(epsilon_from_rates(min(1.0, tpr + bump), fpr, delta)) >= base - 1e-12
+    assert float(epsilon_from_rates(tpr, max(1e-6, fpr - bump), delta)) >= base - 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(exponent=st.integers(-20, 20), seed=st.integers(0, 2**16))
+def test_audit_bound_does_not_depend_on_the_units_of_the_score(exponent, seed):
+    # scaling by a power of two is exact in floating point, so the order of every score is kept
+    # (an arbitrary affine map can round two close scores onto one value and move a threshold)
+    rng = np.random.default_rng(seed)
+    s_in, s_out = rng.normal(size=400) + 2.0, rng.normal(size=400)
+    scale = 2.0 ** exponent
+    a = audit_scores(s_in, s_out, delta=1e-5, claimed_epsilon=1.0, select_fraction=0.25)
+    b = audit_scores(scale * s_in, scale * s_out, delta=1e-5, claimed_epsilon=1.0, select_fraction=0.25)
+    assert b.epsilon_lower_bound == pytest.approx(a.epsilon_lower_bound, rel=1e-9, abs=1e-12)
+
+
+def test_select_fraction_splits_the_trials_and_is_validated():
+    rng = np.random.default_rng(1)
+    s_in, s_out = rng.normal(size=4000) + 3.0, rng.normal(size=4000)
+    # the bound comes from the trials after the selection part: more of them, a tighter bound here
+    quarter = audit_scores(s_in, s_out, delta=1e-5, claimed_epsilon=1.0, select_fraction=0.25)
+    half = audit_scores(s_in, s_out, delta=1e-5, claimed_epsilon=1.0)
+    assert quarter.epsilon_lower_bound != half.epsilon_lower_bound
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="select_fraction"):
+            audit_scores(s_in, s_out, delta=1e-5, claimed_epsilon=1.0, select_fraction=bad)
+    with pytest.raises(ConfigError, match="NaN"):
+        audit_scores(np.r_[s_in[:100], np.nan], s_out[:100], delta=1e-5, claimed_epsilon=1.0)
