@@ -6,6 +6,8 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 SCENARIO ?= scenarios/default.toml
 PYTEST_ARGS ?=
+# the suite runs on 2 worker processes (CI has 2 cores); each test file stays on one worker
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test install test-deps bench clean
 
@@ -27,7 +29,7 @@ run: install
 	$(VENV)/bin/fedsim run $(SCENARIO)
 
 test: test-deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/bench_engine.py

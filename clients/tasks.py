@@ -52,7 +52,12 @@ class ClientCall:
 
     # -- model / data helpers -------------------------------------------------------------------
     def data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.runtime.client_data(self.partition_id, self.data_path or None)
+        """This client's data; for a train message of a label-flipping Byzantine client, its labels
+        flipped (``fedsim.faults.flip_labels``; evaluation replies stay honest)."""
+        x, y = self.runtime.client_data(self.partition_id, self.data_path or None)
+        if self.msg.metadata.message_type.startswith("train"):
+            y = faults.flip_labels(self.scenario, self.partition_id, y, self.runtime.num_classes)
+        return x, y
 
     def load_global(self) -> torch.nn.Module:
         """Load the received arrays into the process's model (no rebuild) and return it."""
@@ -123,11 +128,11 @@ class ClientCall:
 
 
 def dp_sgd_settings(scenario: Scenario) -> dict[str, Any]:
-    """The ``dp_sgd`` plugin's settings come from the ``[privacy]`` section."""
+    """The ``dp_sgd`` plugin's settings: from the ``[privacy]`` section only (one source of truth; a
+    ``[client.dp_sgd]`` table is refused by the resolver)."""
     p = scenario.privacy
     return {"noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "sample_rate": p.sample_rate,
-            "accountant": p.accountant, "delta": p.delta, "secure_rng": p.secure_rng,
-            **scenario.client.plugin_settings("dp_sgd")}
+            "accountant": p.accountant, "delta": p.delta, "secure_rng": p.secure_rng}
 
 
 @CLIENT_TASKS.register("fit")

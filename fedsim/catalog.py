@@ -16,6 +16,7 @@ from typing import Any
 
 from fedsim.config import Scenario
 from fedsim.errors import ConfigError
+from fedsim.faults import check_attack
 
 _LOADED = False
 
@@ -64,18 +65,44 @@ def resolve(scenario: Scenario) -> Scenario:
     reg["datasets"].get(scenario.data.dataset, key="data.dataset")
     reg["partitioners"].get(scenario.data.partitioner, key="data.partitioner")
     reg["models"].get(scenario.model.name, key="model.name")
+    check_privacy(scenario, strat)
+    check_attack(scenario, strat)
     build_plugins(scenario.client.plugins, scenario.client.plugin_settings)
-    check_privacy(scenario)
     return scenario
 
 
-def check_privacy(scenario: Scenario) -> None:
-    """Privacy preflight: mechanism/strategy combinations and DP-SGD-compatible layers."""
+#: ``[privacy]`` keys that only a private mechanism uses (set with ``mechanism = "none"``: refused)
+_PRIVATE_ONLY = ("noise_multiplier", "max_epsilon")
+
+
+def check_privacy(scenario: Scenario, strategy_cls: Any) -> None:
+    """Privacy preflight: one source of truth for every privacy parameter (``[privacy]``), the
+    mechanism/strategy combinations, and DP-SGD-compatible layers."""
     p = scenario.privacy
+    table = scenario.client.plugin_settings("dp_sgd")
+    if table:
+        key = sorted(table)[0]
+        target = f"privacy.{key}" if key in type(p).model_fields else "[privacy]"
+        raise ConfigError(f"client.dp_sgd.{key}", "DP-SGD settings come only from [privacy]: a plugin table could "
+                          "change noise, clipping or sampling behind the accountant's back",
+                          f"remove [client.dp_sgd] and set {target} instead")
+    plugins = strategy_cls.plugin_names(scenario)
+    if "dp_sgd" in plugins and p.mechanism != "dp-sgd":
+        raise ConfigError("client.plugins", "the dp_sgd plugin is enabled without privacy.mechanism = \"dp-sgd\", "
+                          "so nothing would account for it", "set [privacy] mechanism = \"dp-sgd\" instead of "
+                          "listing the plugin")
     if p.mechanism == "none":
+        stray = [k for k in _PRIVATE_ONLY if getattr(p, k) != type(p).model_fields[k].default]
+        if stray:
+            raise ConfigError(f"privacy.{stray[0]}", "is set but privacy.mechanism = \"none\": nothing would add "
+                              "noise or check a budget", "choose a privacy.mechanism or remove the key")
         return
     if p.mechanism == "dp-sgd":
-        others = [n for n in scenario.client.plugins if n != "dp_sgd"]
+        if strategy_cls.train_action != "train":
+            raise ConfigError("privacy.mechanism", f"DP-SGD runs in the plain local training loop, but strategy "
+                              f"'{strategy_cls.name}' trains clients with its own task ({strategy_cls.train_action})",
+                              "use a strategy that trains with the plain loop (e.g. fedavg), or another mechanism")
+        others = [n for n in plugins if n != "dp_sgd"]
         if others:
             raise ConfigError("client.plugins", f"DP-SGD cannot be combined with {others} yet: Opacus computes "
                               "per-sample gradients of the cross-entropy only, other loss terms would be dropped",

@@ -1,15 +1,20 @@
-"""``fedsim`` command line: run, list, plot, partition, deploy, privacy.
+"""``fedsim`` command line: run, resume, list, plot, partition, deploy, privacy.
 
 User errors (:class:`~fedsim.errors.FedSimError`) print one line and a hint on stderr and exit with
 the error's code; no traceback. ``--format json`` prints machine-readable output on stdout.
+A run stopped by SIGINT or SIGTERM prints one line (``interrupted: …``, with the ``fedsim resume``
+command when the run can be continued) and exits with 130; its ``summary.json`` says ``interrupted``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedsim.errors import FedSimError
+from fedsim.errors import FedSimError, RunInterrupted
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
                   help="fedsim: federated and privacy-preserving learning simulator (Flower + PyTorch).")
@@ -25,6 +30,7 @@ err_console = Console(stderr=True)
 console = Console()
 
 Format = Annotated[str, typer.Option("--format", help="text or json")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out (else refused)")]
 
 
 def _quiet_flower() -> None:
@@ -53,23 +59,103 @@ def run(
     engine: Annotated[str | None, typer.Option(help="local | ray | deploy")] = None,
     seed: Annotated[int | None, typer.Option(help="root seed")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>-<time>-s<seed>)")] = None,
+    overwrite: Overwrite = False,
     fmt: Format = "text",
 ) -> None:
     """Simulate a federation described by SCENARIO."""
     _quiet_flower()
     scen = _load(scenario, set_, **{"run.engine": engine, "run.seed": seed})
+    out_dir = _out_dir(scen, out, overwrite)
+    show = fmt == "text" and scen.run.progress and sys.stderr.isatty()
+    with _interruptible(scen, out_dir):
+        summary = _execute(scen, out_dir, show)
+    _report(summary, fmt)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `fedsim run` (local engine)")],
+    fmt: Format = "text",
+) -> None:
+    """Continue the run in RUN_DIR from its latest checkpoint up to the run.rounds of its config.toml.
+
+    Model, strategy state, privacy ledger and every client's state come back from the checkpoint;
+    lines written after it are dropped and redone, so the result is the uninterrupted run's."""
+    _quiet_flower()
+    from fedsim.errors import ConfigError
+    from fedsim.results import resume_point
+
+    if not (run_dir / "config.toml").is_file():
+        raise FedSimError(f"{run_dir} has no config.toml", "pass a directory written by `fedsim run`")
+    scen = _load(str(run_dir / "config.toml"), None)
+    if scen.run.engine != "local":
+        raise ConfigError("run.engine", f"resume continues runs of the local engine only; {run_dir} ran on "
+                          f"'{scen.run.engine}'", "start the run again with `fedsim run`")
+    resume_point(run_dir, scen)  # refuse a missing, corrupted or mismatched checkpoint before anything runs
+    show = fmt == "text" and scen.run.progress and sys.stderr.isatty()
+    with _interruptible(scen, run_dir):
+        summary = _execute(scen, run_dir, show, resume=True)
+    _report(summary, fmt)
+
+
+def _out_dir(scen, out: Path | None, overwrite: bool) -> Path:
+    from fedsim.results import prepare_out_dir
     from fedsim.server import default_run_dir
 
-    out_dir = out or default_run_dir(scen)
-    show = fmt == "text" and scen.run.progress and sys.stderr.isatty()
-    summary = _execute(scen, out_dir, show)
+    return prepare_out_dir(out, overwrite) if out is not None else default_run_dir(scen)
+
+
+def _report(summary: dict[str, Any], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
         _print_summary(summary)
 
 
-def _execute(scen, out_dir: Path, show_progress: bool) -> dict[str, Any]:
+@contextlib.contextmanager
+def _interruptible(scen, out_dir: Path):
+    """SIGINT and SIGTERM stop the run (``KeyboardInterrupt`` naming the signal, so the run loop writes
+    ``interrupted``) and become :class:`RunInterrupted` (exit code 130) with the way to continue."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        _drop_if_empty(out_dir)
+        raise _interrupted(err, scen, out_dir) from None
+    except BaseException:
+        _drop_if_empty(out_dir)  # refused before anything was written: leave no empty run directory
+        raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _drop_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _interrupted(err: KeyboardInterrupt, scen, out_dir: Path) -> RunInterrupted:
+    """The one line an interrupted run prints: signal, last round written, how to continue."""
+    summary: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    sig = str(err.args[0]) if err.args else "SIGINT"
+    if not summary:
+        return RunInterrupted(f"{sig} before the first round was written; nothing to resume")
+    resumable = scen.run.engine == "local" and (Path(out_dir) / "checkpoints" / "latest.json").exists()
+    how = (f"continue it with: fedsim resume {out_dir}" if resumable
+           else "it cannot be resumed (local engine runs with a checkpoint only)")
+    return RunInterrupted(f"{sig} after round {summary.get('rounds_completed')} of {scen.run.rounds}; {out_dir} "
+                          f"holds everything up to then; {how}")
+
+
+def _execute(scen, out_dir: Path, show_progress: bool, resume: bool = False) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     engine = scen.run.engine
@@ -86,7 +172,7 @@ def _execute(scen, out_dir: Path, show_progress: bool) -> dict[str, Any]:
         if engine == "local":
             from fedsim.engines.local import run_local
 
-            return run_local(scen, out_dir, on_round)
+            return run_local(scen, out_dir, on_round, resume=resume)
         if engine == "ray":
             from fedsim.engines.ray import run_ray
 
@@ -102,6 +188,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     for key in ("rounds_completed", "strategy", "seed", "wall_time_s"):
         table.add_row(key, str(summary.get(key)))
+    if summary.get("failed_rounds"):
+        table.add_row("failed_rounds", f"{len(summary['failed_rounds'])}: {summary['failed_rounds'][:10]}")
+    if summary.get("resumed_from") is not None:
+        table.add_row("resumed_from", str(summary["resumed_from"]))
     for key, value in sorted(summary.get("final", {}).items()):
         table.add_row(f"final {key}", f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("run_dir", str(summary.get("run_dir")))
@@ -171,19 +261,18 @@ def deploy(
     nodes: Annotated[int, typer.Option(help="number of SuperNodes to start on loopback")] = 2,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s")] = None,
     out: Annotated[Path | None, typer.Option()] = None,
+    overwrite: Overwrite = False,
     fmt: Format = "text",
 ) -> None:
     """Start a SuperLink and NODES SuperNodes on 127.0.0.1 (gRPC Fleet API) and run SCENARIO with `flwr run`."""
     _quiet_flower()
     from fedsim.engines.deploy import run_deploy
-    from fedsim.server import default_run_dir
 
     scen = _load(scenario, set_, **{"run.engine": "deploy", "data.num_clients": nodes})
-    summary = run_deploy(scen, out or default_run_dir(scen), nodes=nodes)
-    if fmt == "json":
-        print(json.dumps(summary, indent=2, sort_keys=True))
-    else:
-        _print_summary(summary)
+    out_dir = _out_dir(scen, out, overwrite)
+    with _interruptible(scen, out_dir):
+        summary = run_deploy(scen, out_dir, nodes=nodes)
+    _report(summary, fmt)
 
 
 def _register_privacy() -> None:
@@ -198,17 +287,22 @@ _register_privacy()
 def main() -> None:
     """Entry point: map typed errors to exit codes with a one-line message and a hint."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except RunInterrupted as err:
+        from rich.markup import escape
+
+        err_console.print(f"[red]interrupted[/red]: {escape(err.message)}", soft_wrap=True)
+        _exit(err.exit_code)
     except FedSimError as err:
         from rich.markup import escape
 
-        err_console.print(f"[red]error[/red] ({type(err).__name__}): {escape(err.message)}")
+        err_console.print(f"[red]error[/red] ({type(err).__name__}): {escape(err.message)}", soft_wrap=True)
         if err.hint:
-            err_console.print(f"[yellow]hint[/yellow]: {escape(err.hint)}")
-        sys.exit(err.exit_code)
+            err_console.print(f"[yellow]hint[/yellow]: {escape(err.hint)}", soft_wrap=True)
+        _exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
-        sys.exit(130)
+        err_console.print("interrupted")
+        _exit(130)
     except Exception as err:  # click usage errors
         import click
 
@@ -218,6 +312,18 @@ def main() -> None:
         if isinstance(err, click.exceptions.Exit):
             sys.exit(err.exit_code)
         raise
+    if isinstance(code, int) and code:  # Typer returns (not raises) the code of a command's Exit
+        _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``. A thread an engine left running (Ray's ServerApp thread after an
+    interrupt) must not hold the process: then exit at once, output flushed."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

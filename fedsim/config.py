@@ -11,11 +11,12 @@ Sections: ``run``, ``data``, ``model``, ``client`` (with one sub-table per enabl
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsim.errors import ConfigError
 
@@ -24,37 +25,81 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def check_device(name: str) -> str:
+    """``run.device`` if this machine has it, else :class:`ConfigError`: ``cuda:N`` needs ``N`` visible CUDA
+    devices, ``mps`` Apple's Metal backend (torch is imported only then), so it is refused before any run."""
+    if name in ("auto", "cpu"):
+        return name
+    import torch
+
+    fix = 'use run.device = "auto" (CUDA when present, else CPU) or "cpu"'
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("run.device", "'mps' asked for but this machine has no usable Apple MPS device", fix)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name.startswith("cuda") and int(name.partition(":")[2] or 0) >= visible:
+        raise ConfigError("run.device", f"'{name}' asked for but {visible} CUDA device(s) are visible", fix)
+    return name
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = Field(0, ge=0)
-    rounds: int = Field(10, ge=1)
+    rounds: int = Field(10, ge=1, le=1_000_000)
     engine: Literal["local", "ray", "deploy"] = "local"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    device: Annotated[str, AfterValidator(check_device)] = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     output: str = "runs"
-    threads: int = Field(1, ge=1, description="torch intra-op threads per client process")
+    threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads per client process")
     vectorize: bool = Field(
         False, description="local engine: train a round's plain-fit clients together (torch.vmap "
         "over stacked parameters; clients with plugins, faults, Adam, BatchNorm/Dropout, and conv "
         "models on CPU stay per client); equal to the per-client path up to float32 rounding, not bit "
         "for bit, hence off by default")
     eval_every: int = Field(1, ge=1)
-    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round")
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round (local "
+                                 "engine: a client call that took longer is recorded as timeout, its reply dropped)")
     quorum: float = Field(0.5, ge=0.0, le=1.0, description="fraction of sampled clients that must reply")
-    checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0 = never)")
+    checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0 = never; such a run "
+                                  "cannot be resumed)")
+    on_failed_round: Literal["stop", "continue"] = Field(
+        "stop", description="a round with no valid reply (or below quorum) leaves the model unchanged: stop "
+        "the run there with FailedRoundError (exit code 10), or continue and count it in summary.json")
     progress: bool = True
 
 
+#: most clients a scenario may simulate (every engine holds one Flower ``Context`` per client)
+MAX_CLIENTS = 1_000_000
+
+
+def _no_nan_or_inf(prefix: str, value: Any) -> None:
+    """:class:`ConfigError` naming the dotted key of the first NaN/±inf in a free-form table (TOML has them;
+    no fedsim setting means anything with them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(prefix, f"must be a finite number, got {value}", f"set {prefix} to a finite number")
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value if isinstance(value, list) else []):
+        _no_nan_or_inf(f"{prefix}.{key}" if isinstance(value, dict) else prefix, item)
+
+
 class DataConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
     dataset: str = "digits"
-    num_clients: int = Field(10, ge=1)
+    num_clients: int = Field(10, ge=1, le=MAX_CLIENTS)
     partitioner: str = "dirichlet"
     partition: dict[str, Any] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     server_labelled: int = Field(0, ge=0, description="labelled samples held by the server")
 
+    @model_validator(mode="after")
+    def _finite_tables(self) -> "DataConfig":
+        _no_nan_or_inf("data.partition", self.partition)
+        _no_nan_or_inf("data.options", self.options)
+        return self
+
 
 class ModelConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
     name: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [64])
     channels: list[int] = Field(default_factory=lambda: [16, 32])
@@ -62,9 +107,18 @@ class ModelConfig(_Section):
     groups: int = Field(4, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _widths_at_least_one(cls, widths: list[int]) -> list[int]:
+        bad = [w for w in widths if w < 1]
+        if bad:
+            raise ValueError(f"every layer needs at least one unit or channel, got {widths} (bad: {bad}); "
+                             "use an empty list [] for no hidden layer")
+        return widths
+
 
 class ClientConfig(BaseModel):
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     epochs: int = Field(1, ge=0)
     batch_size: int = Field(32, ge=1)
@@ -86,6 +140,7 @@ class ClientConfig(BaseModel):
                 )
             if not isinstance(value, dict):
                 raise ValueError(f"'client.{key}' must be a table of plugin settings")
+            _no_nan_or_inf(f"client.{key}", value)
         return self
 
     def plugin_settings(self, name: str) -> dict[str, Any]:
@@ -95,12 +150,18 @@ class ClientConfig(BaseModel):
 class StrategyConfig(BaseModel):
     """``name`` and the common sampling keys; every other key is an option of that strategy."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     name: str = "fedavg"
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_train_clients: int = Field(2, ge=1)
     fraction_evaluate: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _finite_options(self) -> "StrategyConfig":
+        for key, value in (self.model_extra or {}).items():
+            _no_nan_or_inf(f"strategy.{key}", value)
+        return self
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -114,6 +175,8 @@ class PrivacyConfig(_Section):
     noise on the average, ``client_sampling`` poisson or fixed). ``dp-ftrl``: client-level DP with
     tree-aggregated noise on the running sum of clipped updates (no sampling amplification).
     """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     mechanism: Literal["none", "dp-sgd", "dp-fedavg", "dp-ftrl"] = "none"
     noise_multiplier: float = Field(0.0, ge=0.0)
@@ -134,6 +197,20 @@ class PrivacyConfig(_Section):
     counter_noise: float = Field(10.0, ge=0.0, description="noise multiplier of the released counters")
     secure_rng: bool = Field(False, description="OS randomness for noise (not reproducible)")
 
+    @model_validator(mode="after")
+    def _noise_in_accountable_range(self) -> "PrivacyConfig":
+        """Each noise multiplier σ is 0 or in ``[MIN_NOISE, MAX_NOISE]``: the accountants compute 1/σ² and σ²,
+        which underflow or overflow far outside it (σ = 1e-300 divides by zero, σ = 1e308 overflows)."""
+        for key in ("noise_multiplier", "counter_noise", "count_noise"):
+            if (sigma := getattr(self, key)) != 0 and not MIN_NOISE <= sigma <= MAX_NOISE:
+                raise ConfigError(f"privacy.{key}", f"{sigma} is outside 0 or [{MIN_NOISE}, {MAX_NOISE:g}], where "
+                                  "the privacy accountants' arithmetic is sound",
+                                  f"set privacy.{key} = 0 (off) or a value in [{MIN_NOISE}, {MAX_NOISE:g}]")
+        return self
+
+
+MIN_NOISE, MAX_NOISE = 1e-3, 1e6  #: the range of a non-zero noise multiplier in ``[privacy]``
+
 
 class FaultsConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability a sampled client drops per round")
@@ -145,9 +222,20 @@ class FaultsConfig(_Section):
         "raise", description="raise: the ClientApp raises; exit: its process dies abruptly (os._exit on the "
         "deployment engine, a dead node on the local engine)")
     byzantine_clients: list[int] = Field(default_factory=list)
-    attack: Literal["none", "sign_flip", "gaussian", "nan"] = Field(
+    attack: Literal["none", "sign_flip", "gaussian", "nan", "label_flip", "alie", "ipm", "min_max", "min_sum"] = Field(
         "none", description="implemented attacks only (fedsim.faults.ATTACKS); a scenario asking for another "
         "is refused, never run with honest clients")
+    attack_strength: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False, description="ipm: ε (default 0.1); gaussian: σ (default 1.0); "
+        "refused with any other attack, which has no strength")
+
+    @model_validator(mode="after")
+    def _strength_has_an_effect(self) -> "FaultsConfig":
+        if self.attack_strength is not None and self.attack not in ("ipm", "gaussian"):
+            raise ConfigError("faults.attack_strength", f"attack '{self.attack}' has no strength, so this value "
+                              "would have no effect", "remove faults.attack_strength, or use attack \"ipm\" (ε) "
+                              "or \"gaussian\" (σ)")
+        return self
 
 
 class RayConfig(_Section):
@@ -158,7 +246,10 @@ class RayConfig(_Section):
 
 class DeployConfig(_Section):
     nodes: int = Field(2, ge=1)
-    insecure: bool = True
+    insecure: bool = Field(
+        False, description="false (default): TLS with a throw-away CA and SuperNode authentication (a key "
+        "per node, registered before the run; unregistered nodes are refused). true: plaintext gRPC and any "
+        "node may join and claim a partition: loopback experiments only")
     startup_timeout: float = Field(120.0, gt=0)
     run_timeout: float = Field(900.0, gt=0)
 
@@ -174,8 +265,42 @@ class Scenario(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Scenario":  # crashes of real clients in real rounds; enough clients
+        return check_min_train_clients(check_crash_faults(self))
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="python")
+
+
+# ------------------------------------------------------------------------ cross-section checks
+def check_crash_faults(scenario: Scenario) -> Scenario:
+    """``faults.crash_clients`` must name clients that exist (``0..data.num_clients-1``) and
+    ``faults.crash_rounds`` rounds that run (``1..run.rounds``); rounds without clients would do nothing."""
+    f, n, rounds = scenario.faults, scenario.data.num_clients, scenario.run.rounds
+    ghosts = sorted({c for c in f.crash_clients if not 0 <= c < n})
+    if ghosts:
+        raise ConfigError("faults.crash_clients", f"client id(s) {ghosts} do not exist: data.num_clients = {n} "
+                          f"gives ids 0..{n - 1}, so these crashes would never happen",
+                          f"use ids in 0..{n - 1} or raise data.num_clients")
+    never = sorted({r for r in f.crash_rounds if not 1 <= r <= rounds})
+    if never:
+        raise ConfigError("faults.crash_rounds", f"round(s) {never} are outside 1..{rounds} (run.rounds = {rounds}), "
+                          "so these crashes would never happen", f"use rounds in 1..{rounds} or raise run.rounds")
+    if f.crash_rounds and not f.crash_clients:
+        raise ConfigError("faults.crash_rounds", "set without faults.crash_clients, so nothing would crash",
+                          "name the crashing clients in faults.crash_clients or remove faults.crash_rounds")
+    return scenario
+
+
+def check_min_train_clients(scenario: Scenario) -> Scenario:
+    """A round cannot need more clients (``strategy.min_train_clients``) than exist (``data.num_clients``)."""
+    need, n = scenario.strategy.min_train_clients, scenario.data.num_clients
+    if need > n:
+        raise ConfigError("strategy.min_train_clients", f"{need} clients needed per round but the federation has "
+                          f"{n} (data.num_clients)", f"lower strategy.min_train_clients to at most {n} "
+                          "or raise data.num_clients")
+    return scenario
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +324,8 @@ def _to_config_error(err: ValidationError) -> ConfigError:
     msg = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
     if first["type"] not in ("value_error", "missing") and not isinstance(got, dict):
-        msg = f"{msg} (got {got!r})"
+        shown = _shown(repr(got))
+        msg = f"{msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     more = len(err.errors()) - 1
     return ConfigError(key, msg, f"fix this key in the scenario or with --set {key}=VALUE"
                        + (f"; {more} more problem(s) after this one" if more else ""))
@@ -209,7 +335,7 @@ def parse_value(text: str) -> Any:
     """Parse an override value as a TOML value (``3``, ``0.1``, ``true``, ``[1, 2]``, ``"x"``)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # not TOML (or nested beyond the parser): a string
         return text
 
 
@@ -247,20 +373,57 @@ def scenario_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) 
     return scenario
 
 
-def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
-    """Read a TOML scenario file, apply overrides and validate it."""
-    p = Path(path)
-    if not p.exists():
-        builtin = Path(__file__).resolve().parent.parent / "scenarios" / p.name
-        if builtin.exists():
-            p = builtin
-        else:
-            raise ConfigError(str(path), "scenario file not found",
-                              "pass a path to a .toml file; `fedsim list` shows the built-in scenarios")
+#: largest scenario file read: a scenario is a few hundred bytes; this refuses a data file given by mistake
+MAX_SCENARIO_BYTES = 1 << 20
+_PATH_HINT = "pass the path of a .toml scenario file; `fedsim list` shows the built-in scenarios"
+
+
+def _shown(path: str) -> str:
+    """``path`` printable on one line (NUL, newlines and other control characters escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+
+
+def read_scenario_text(path: str | Path) -> tuple[Path, str]:
+    """The file at ``path`` (a built-in scenario for a bare name only, never for a missing ``dir/name.toml``)
+    and its text. A NUL byte, a missing file, a directory, a device, more than :data:`MAX_SCENARIO_BYTES`, an
+    unreadable or a binary (not UTF-8) file is a :class:`ConfigError` whose key is the path."""
+    text = str(path)
+    shown = _shown(text) if len(text) <= 200 else _shown(text[:100]) + "..." + _shown(text[-97:])
+    if "\x00" in text:
+        raise ConfigError(shown, "the path contains a NUL byte, which no file name can hold", _PATH_HINT)
+    p = Path(text)
     try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(str(p), f"not valid TOML: {err}", "fix the syntax at the line shown") from None
+        if not p.exists():
+            builtin = Path(__file__).resolve().parent.parent / "scenarios" / p.name
+            if p.name != text or not builtin.is_file():
+                raise ConfigError(shown, "scenario file not found", _PATH_HINT)
+            p = builtin
+        if p.is_dir():
+            raise ConfigError(shown, "is a directory, not a scenario file", _PATH_HINT)
+        if not p.is_file():
+            raise ConfigError(shown, "is not a regular file (a device, a pipe or a socket)", _PATH_HINT)
+        if (size := p.stat().st_size) > MAX_SCENARIO_BYTES:
+            raise ConfigError(shown, f"is {size} bytes, over a scenario's {MAX_SCENARIO_BYTES} (a data file?)",
+                              _PATH_HINT)
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(shown, f"cannot be read ({err.strerror or err})",
+                          "check the path and the file's permissions") from None
+    try:
+        return p, data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(shown, f"is not a text file (byte {err.start} is not UTF-8), so not a TOML scenario",
+                          _PATH_HINT) from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read a TOML scenario file (see :func:`read_scenario_text`), apply overrides and validate it."""
+    p, text = read_scenario_text(path)
+    try:
+        raw = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as err:  # RecursionError: arrays nested too deeply
+        why = err if isinstance(err, tomllib.TOMLDecodeError) else "nested too deeply to parse"
+        raise ConfigError(_shown(str(p)), f"not valid TOML: {why}", "fix the syntax at the line shown") from None
     return scenario_from_dict(raw, overrides)
 
 

@@ -95,3 +95,37 @@ class EngineError(FedSimError):
     """An engine (Ray, deployment) failed to start or its run did not complete."""
 
     exit_code = 9
+
+
+class FailedRoundError(QuorumError):
+    """A round got no valid reply, or fewer than its quorum: the model could not be updated.
+
+    With ``run.on_failed_round = "stop"`` (the default) the run stops after recording that round;
+    ``"continue"`` goes on and counts the failed rounds in ``summary.json``.
+    """
+
+    exit_code = 10
+
+
+class RunDirectoryError(FedSimError):
+    """The run directory cannot be used as asked (``--out`` not empty, not a run directory...)."""
+
+    exit_code = 11
+
+
+class CheckpointError(FedSimError):
+    """A run cannot be resumed from its checkpoint: missing, corrupted, or written by another scenario."""
+
+    exit_code = 12
+
+
+class RunInterrupted(FedSimError):
+    """The run was interrupted (SIGINT, SIGTERM); everything written until then is valid and resumable."""
+
+    exit_code = 130
+
+
+class AuditViolation(FedSimError):
+    """A privacy audit's empirical lower bound on ε exceeds the claimed ε: the claim is refuted."""
+
+    exit_code = 13

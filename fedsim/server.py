@@ -8,7 +8,9 @@ per-client records (including failures), checkpoints, and a summary written even
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,16 +24,17 @@ from fedsim.catalog import resolve
 from fedsim.clients.trainer import evaluate
 from fedsim.config import Scenario, loads_scenario
 from fedsim.data.federation import federation_of
-from fedsim.errors import FedSimError
+from fedsim.errors import CheckpointError, ConfigError, FailedRoundError, FedSimError
 from fedsim.models import build_model, resolve_device
 from fedsim.privacy.ledger import build_ledger
 from fedsim.privacy.mechanisms import RoundOutcome
-from fedsim.results import RunRecorder
+from fedsim.results import RunRecorder, create_run_dir, resume_point
 from fedsim.rng import derive_seed
 from fedsim.strategies.base import FedSimStrategy, make_strategy
-from fedsim.wire import state_to_arrays
+from fedsim.wire import from_numpy, state_to_arrays
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+_STOP = threading.Event()
 
 
 class ServerRuntime:
@@ -59,25 +62,46 @@ class ServerRuntime:
         return {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
 
 
-def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
-                   engine: str | None = None, on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """Run the scenario's rounds on ``grid`` and write the run directory. Returns the summary."""
+def request_stop() -> None:
+    """Ask the running :func:`run_federation` (e.g. the Ray engine's ServerApp thread, which no signal
+    reaches) to stop before its next round; it ends with status ``interrupted``."""
+    _STOP.set()
+
+
+def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engine: str | None = None,
+                   on_round: RoundCallback | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run the scenario's rounds on ``grid`` and write the run directory. Returns the summary.
+
+    ``summary.json`` always says how the run ended: ``completed``; ``stopped: <Error>`` for a typed
+    error (a failed round under ``run.on_failed_round = "stop"``, a privacy budget…); ``interrupted``
+    (SIGINT/SIGTERM, :func:`request_stop`); ``failed: <Type>`` for anything else — the exception is
+    re-raised in every case but ``completed``. With ``resume=True`` the run continues in ``out_dir``
+    after its latest checkpoint (model, strategy, privacy ledger and every node's ``context.state``;
+    the grid must offer ``restore_state``, as the local engine's does).
+    """
+    _STOP.clear()
     strategy = make_strategy(scenario)
     server = ServerRuntime(scenario)
     strategy.attach_server(server)
     privacy = build_ledger(scenario, strategy.privacy_mechanisms(), server.federation)
-    rec = RunRecorder(out_dir, scenario, engine)
     arrays = server.initial_arrays()
     rounds = scenario.run.rounds
-    status, error = "completed", None
-    row: dict[str, Any] = {"round": 0, **server.evaluate(arrays)}
-    rec.log_round(row)
-    if on_round:
-        on_round(0, row)
-    last = row
-    completed = 0
+    start = 0
+    if resume:
+        arrays, start = _restore(grid, scenario, out_dir, strategy, privacy, arrays)
+        rec = RunRecorder(out_dir, scenario, engine, resume_round=start)
+        row: dict[str, Any] = rec.rows[-1]
+    else:
+        rec = RunRecorder(out_dir, scenario, engine)
+        row = {"round": 0, **server.evaluate(arrays)}
+        rec.log_round(row)
+    status, error, error_type = "completed", None, None
     try:
-        for rnd in range(1, rounds + 1):
+        if on_round:
+            on_round(start, row)
+        for rnd in range(start + 1, rounds + 1):
+            if _STOP.is_set():
+                raise KeyboardInterrupt("stop requested")
             if privacy is not None:
                 privacy.before_round(rnd)  # raises PrivacyBudgetExceeded before any client works
             t0 = time.perf_counter()
@@ -87,6 +111,7 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = new_arrays
+            failure = _round_failure(rnd, strategy)
             eval_msgs = list(strategy.configure_evaluate(rnd, arrays, cfg, grid))
             fed_eval = None
             if eval_msgs:
@@ -100,35 +125,109 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *,
                 row.update(server.evaluate(arrays))
             row["failed-clients"] = sum(1 for f in strategy.failures
                                         if f.partition_id is not None and f.kind not in ("sat-out", "straggler"))
+            if failure:
+                row["round-failed"] = 1
             rec.log_clients(_client_records(rnd, strategy))
             if privacy is not None:
                 records = privacy.after_round(rnd, _outcome(strategy))
                 rec.log_privacy(records)
-                row.update({"epsilon": records[-1]["epsilon"]} if records else {})
-                row.update(privacy.released())
+                row.update(privacy.round_metrics(records))
             rec.log_round(row)
-            last = row
-            completed = rnd
             if scenario.run.checkpoint_every and (rnd % scenario.run.checkpoint_every == 0 or rnd == rounds):
-                extra = {"privacy": privacy.state_dict()} if privacy is not None else {}
-                rec.checkpoint(rnd, list(arrays.keys()), [a.numpy() for a in arrays.values()],
-                               strategy.state_dict(), extra)
+                _checkpoint(rec, rnd, arrays, strategy, privacy, grid)
             if on_round:
                 on_round(rnd, row)
+            if failure and scenario.run.on_failed_round == "stop":
+                raise FailedRoundError(failure, FAILED_ROUND_HINT)
     except FedSimError as err:
-        status, error = f"stopped: {type(err).__name__}", err
+        status, error, error_type = f"stopped: {type(err).__name__}", err, type(err).__name__
+        raise
+    except KeyboardInterrupt as err:
+        status, error, error_type = "interrupted", (str(err.args[0]) if err.args else "SIGINT"), "KeyboardInterrupt"
+        raise
+    except BaseException as err:
+        status, error, error_type = f"failed: {type(err).__name__}", err, type(err).__name__
         raise
     finally:
-        summary = {"status": status, "rounds_completed": completed, "rounds_planned": rounds,
+        written = rec.written_rows()  # the file, not memory: a signal may land between the two
+        last = written[-1] if written else {}
+        summary = {"status": status, "rounds_completed": int(last.get("round", 0)), "rounds_planned": rounds,
                    "strategy": scenario.strategy.name, "seed": scenario.run.seed,
                    "final": {k: v for k, v in last.items()},
-                   "error": str(error) if error else None}
+                   "failed_rounds": [r["round"] for r in written if r.get("round-failed")],
+                   "on_failed_round": scenario.run.on_failed_round, "resumed_from": start if resume else None,
+                   "error": str(error) if error else None, "error_type": error_type}
         summary = rec.finish(summary)
         if rec.rows:
             from fedsim.plots import plot_run  # matplotlib: imported only when a run has rows to draw
 
             plot_run(rec.dir)
     return summary
+
+
+FAILED_ROUND_HINT = ("clients.jsonl has each client's reason; lower run.quorum, raise run.round_timeout if clients "
+                     "timed out, or set run.on_failed_round = \"continue\" to go on (failed rounds are then "
+                     "counted in summary.json)")
+
+
+def _round_failure(rnd: int, strategy: FedSimStrategy) -> str | None:
+    """Why round ``rnd`` failed — below quorum, or no valid reply from any sampled client (a client
+    that sat out or straggled by design answered) — or ``None``."""
+    kinds = Counter(f.kind for f in strategy.failures if f.partition_id is not None)
+    what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    if strategy.sampled and not strategy.last_updates and not kinds.keys() & {"sat-out", "straggler"}:
+        return (f"round {rnd} failed: no valid reply from the {len(strategy.sampled)} sampled clients ({what}); "
+                "the model was left unchanged")
+    quorum = [f for f in strategy.failures if f.partition_id is None and f.kind == "quorum"]
+    if quorum:
+        return f"round {rnd} failed: {quorum[0].reason} ({what or 'no client failure recorded'})"
+    return None
+
+
+def _checkpoint(rec: RunRecorder, rnd: int, arrays: ArrayRecord, strategy: FedSimStrategy, privacy: Any,
+                grid: Grid) -> None:
+    extra: dict[str, Any] = {"privacy": privacy.state_dict()} if privacy is not None else {}
+    states = None
+    export = getattr(grid, "export_state", None)  # the local engine: every node's context.state
+    if export is not None:
+        states, dead = export()
+        extra["grid"] = {"dead": dead}
+    rec.checkpoint(rnd, list(arrays.keys()), [a.numpy() for a in arrays.values()], strategy.state_dict(), extra,
+                   client_states=states)
+
+
+def _restore(grid: Grid, scenario: Scenario, out_dir: str | Path, strategy: FedSimStrategy, privacy: Any,
+             initial: ArrayRecord) -> tuple[ArrayRecord, int]:
+    """Load the latest checkpoint of ``out_dir`` into the strategy, the ledger and the grid's nodes;
+    return the model and the checkpoint's round. Refuses (typed errors) anything it cannot restore."""
+    restore = getattr(grid, "restore_state", None)
+    if restore is None:
+        raise ConfigError("run.engine", f"resume restores every node's context.state, which only the local engine "
+                          f"can do, not '{scenario.run.engine}'", "resume the run with run.engine = \"local\"")
+    ck = resume_point(out_dir, scenario)
+    k, rounds = int(ck["meta"]["round"]), scenario.run.rounds
+    if k >= rounds:
+        raise CheckpointError(f"{out_dir} already finished all {rounds} rounds; there is nothing to resume",
+                              "start a new run to train further")
+    keys = list(initial.keys())
+    if ck["meta"]["keys"] != keys:
+        raise CheckpointError(f"the checkpoint's model keys differ from the scenario's model ({ck['meta']['keys'][:3]}"
+                              f" vs {keys[:3]})", "resume only the scenario that wrote the run")
+    for key, ref, got in zip(keys, initial.values(), ck["model"]):
+        if tuple(got.shape) != tuple(ref.shape) or str(got.dtype) != ref.dtype:
+            raise CheckpointError(f"checkpoint array '{key}' is {got.dtype}{list(got.shape)}, the model needs "
+                                  f"{ref.dtype}{list(ref.shape)}", "resume only the scenario that wrote the run")
+    try:
+        strategy.load_state_dict(ck["strategy"])
+        if privacy is not None:
+            if "privacy" not in ck["meta"]:
+                raise KeyError("privacy")
+            privacy.load_state_dict(ck["meta"]["privacy"])
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise CheckpointError(f"the checkpoint of round {k} lacks or garbles state the run needs "
+                              f"({type(err).__name__}: {err})", "resume only an intact run directory") from None
+    restore(ck["clients"], list(ck["meta"].get("grid", {}).get("dead", [])))
+    return ArrayRecord({key: from_numpy(a) for key, a in zip(keys, ck["model"])}), k
 
 
 def _outcome(strategy: FedSimStrategy) -> RoundOutcome:
@@ -148,7 +247,7 @@ def _client_records(rnd: int, strategy: FedSimStrategy) -> list[dict[str, Any]]:
 
 def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | None = None,
                      engine: str | None = None, on_round: RoundCallback | None = None,
-                     result: dict[str, Any] | None = None) -> ServerApp:
+                     result: dict[str, Any] | None = None, resume: bool = False) -> ServerApp:
     """The ServerApp. With ``scenario=None`` it reads the scenario TOML and the output directory
     from the run config (``scenario``, ``out-dir``), as under ``flwr run``."""
     app = ServerApp()
@@ -157,7 +256,8 @@ def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | Non
     def main(grid: Grid, context: Context) -> None:
         scen = scenario if scenario is not None else resolve(loads_scenario(str(context.run_config["scenario"])))
         out = out_dir or str(context.run_config.get("out-dir") or "") or default_run_dir(scen)
-        summary = run_federation(grid, scen, out, engine=engine or scen.run.engine, on_round=on_round)
+        summary = run_federation(grid, scen, out, engine=engine or scen.run.engine, on_round=on_round,
+                                 resume=resume)
         if result is not None:
             result.update(summary)
 
@@ -165,5 +265,6 @@ def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | Non
 
 
 def default_run_dir(scenario: Scenario) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(scenario.run.output) / f"{scenario.run.name}-{stamp}-s{scenario.run.seed}"
+    """Create and return a new run directory ``run.output/<safe run.name>-<time>-s<seed>[-N]``
+    (exclusive creation: see :func:`fedsim.results.create_run_dir`)."""
+    return create_run_dir(scenario.run.output, scenario.run.name, scenario.run.seed)

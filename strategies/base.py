@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,12 +45,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim import faults
 from fedsim.config import Scenario
-from fedsim.errors import AggregationError, ClientUpdateError, ConfigError, QuorumError
+from fedsim.errors import AggregationError, ClientUpdateError, QuorumError
 from fedsim.options import build_options
 from fedsim.registry import Registry
 from fedsim.rng import numpy_rng
 from fedsim.clients.tasks import PLUGINS_KEY
+from fedsim.strategies.records import (  # noqa: F401  (the records every strategy imports from here)
+    ClientUpdate, FailureRecord, NoOptions, ServerStepOptions, require_mechanism, weighted_metrics)
 from fedsim.strategies.replies import expect_array, expect_count
 from fedsim.wire import from_numpy, to_numpy
 
@@ -61,36 +63,6 @@ STRATEGIES: Registry = Registry("strategy")
 def register_strategy(cls):
     """Class decorator registering a strategy under ``cls.name``."""
     return STRATEGIES.register(cls.name)(cls)
-
-
-@dataclass
-class ClientUpdate:
-    """One validated client reply."""
-
-    partition_id: int
-    node_id: int
-    arrays: list[np.ndarray]
-    num_examples: int
-    metrics: dict[str, float]
-    content: RecordDict
-
-
-@dataclass
-class FailureRecord:
-    round: int
-    partition_id: int | None
-    node_id: int
-    kind: str  # client: error | timeout | invalid | sat-out | straggler; round: quorum | aggregation
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"round": self.round, "client": self.partition_id, "node_id": self.node_id,
-                "status": self.kind, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    pass
 
 
 class FedSimStrategy(Strategy):
@@ -126,32 +98,77 @@ class FedSimStrategy(Strategy):
         self._sent: list[Message] = []
         #: client plugins of a train round, sent in its config (``plugins``)
         self.plugin_list = ",".join(self.plugin_names(scenario))
+        #: DP mechanisms this strategy owns (the ledger composes them; replies are checked against them)
+        self.mechanisms: list[Any] = []
+        self.server_round: int | None = None  # the round being configured (failure records carry it)
+        self.refused_nodes: dict[int, str] = {}  # node id -> why it holds no partition (see discover)
 
     # ------------------------------------------------------------------ node directory / sampling
     def discover(self, grid: Grid) -> None:
-        """Ask unknown nodes for their partition id (one ``query.whoami`` each)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.directory]
-        if not unknown:
+        """Map new nodes to partition ids (one ``query.whoami`` each); one node per partition.
+
+        The first node to claim a partition keeps it (among new claimants of one call: the earliest
+        activated, per the grid's ``NodeInfo.last_activated_at``, then the grid's order). A later
+        claimant is refused and never asked or sampled again: a ``duplicate-partition`` failure
+        naming both node ids (``client`` null: the node holds no partition). A claim outside
+        ``0..data.num_clients-1`` or for another ``num-partitions`` is refused as ``invalid-partition``.
+        Node authentication (``fedsim deploy``'s default) decides which nodes may join at all; this
+        decides which one speaks for a partition. Records carry ``self.server_round`` (None if unset).
+        """
+        from datetime import datetime
+
+        refused = self.refused_nodes
+        order = [n for n in grid.get_node_ids() if n not in self.directory and n not in refused]
+        if not order:
             return
         known = getattr(grid, "node_partitions", None)  # the local engine knows the mapping
+        claims: dict[int, tuple[Any, Any]] = {}  # node -> (partition id, num-partitions) as reported
         if known is not None:
-            self.directory.update({n: known[n] for n in unknown if n in known})
-            return
-        msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.whoami")
-                for n in unknown]
-        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
-            if reply.has_error():
+            claims = {n: (known[n], self.num_partitions) for n in order if n in known}
+        else:
+            msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.whoami")
+                    for n in order]
+            for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+                if not reply.has_error() and reply.metadata.src_node_id in order:
+                    m = reply.content.metric_records.get("metrics") or {}
+                    claims[reply.metadata.src_node_id] = (m.get("partition-id"), m.get("num-partitions", 0))
+        activated: dict[int, float] = {}
+        if len(claims) > 1 and known is None:
+            for info in grid.get_nodes():
+                try:
+                    activated[info.node_id] = datetime.fromisoformat(info.last_activated_at).timestamp()
+                except (AttributeError, TypeError, ValueError):  # a grid without activation times
+                    pass
+        rnd = self.server_round
+        holder = {pid: node for node, pid in self.directory.items()}
+        for node in sorted(claims, key=lambda n: (n not in activated, activated.get(n, 0.0), order.index(n))):
+            pid, total = claims[node]
+            if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < self.num_partitions
+                    and total in (0, self.num_partitions)):
+                why = (f"node {node} claimed partition-id={pid!r} num-partitions={total!r}; this federation has "
+                       f"partitions 0..{self.num_partitions - 1} (data.num_clients={self.num_partitions}); refused")
+                kind = "invalid-partition"
+            elif pid in holder:
+                why = (f"node {node} claimed partition {pid}, already held by node {holder[pid]} (the first "
+                       f"claimant keeps it); node {node} refused: give each SuperNode its own partition-id")
+                kind = "duplicate-partition"
+            else:
+                self.directory[node], holder[pid] = pid, node
                 continue
-            pid = int(reply.content.metric_records["metrics"]["partition-id"])
-            self.directory[reply.metadata.src_node_id] = pid
+            refused[node] = why
+            self.failures.append(FailureRecord(rnd, None, node, kind, why))
 
     def available(self, grid: Grid, needed: int) -> dict[int, int]:
-        """``{partition id: node id}`` of reachable nodes, waiting up to the deadline for ``needed``."""
+        """``{partition id: node id}`` of reachable nodes, waiting up to the deadline for ``needed``.
+        A partition maps to the one node :meth:`discover` gave it, never to a refused claimant."""
         deadline = time.monotonic() + self.timeout
         while True:
             self.discover(grid)
             live = set(grid.get_node_ids())
-            by_pid = {pid: node for node, pid in self.directory.items() if node in live}
+            by_pid: dict[int, int] = {}
+            for node, pid in self.directory.items():
+                if node in live:
+                    by_pid.setdefault(pid, node)
             if len(by_pid) >= needed:
                 return by_pid
             if time.monotonic() > deadline:
@@ -184,6 +201,7 @@ class FedSimStrategy(Strategy):
     # ------------------------------------------------------------------ Flower Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.server_round = server_round
         self.set_global(arrays)
         self.failures = []
         self.last_updates = []
@@ -204,6 +222,7 @@ class FedSimStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates = self.collect(server_round, list(replies))
+        updates = faults.apply_omniscient_attack(self, server_round, updates)  # colluders see honest updates
         self.last_updates = updates
         need = self.min_replies()
         if len(updates) < need:
@@ -222,6 +241,7 @@ class FedSimStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        self.server_round = server_round
         if self.fraction_evaluate <= 0:
             return []
         picks = self.sample(server_round, grid, self.fraction_evaluate)
@@ -234,7 +254,7 @@ class FedSimStrategy(Strategy):
         if not good:
             return None
         ms = [dict(r.content.metric_records["metrics"]) for r in good]
-        return MetricRecord(_weighted_metrics(ms))
+        return MetricRecord(weighted_metrics(ms))
 
     def summary(self) -> None:
         return None
@@ -250,8 +270,13 @@ class FedSimStrategy(Strategy):
         return names
 
     def attach_server(self, server: Any) -> None:
-        """Called once before round 1 with the server runtime (model, test and labelled data)."""
-        return None
+        """Called once before round 1 with the server runtime (model, test and labelled data).
+        With DP-SGD on the clients, the strategy takes the server's account of it (subclasses that
+        override this call ``super().attach_server(server)``)."""
+        if self.scenario.privacy.mechanism == "dp-sgd":
+            from fedsim.privacy.mechanisms import DPSGDMechanism
+
+            self.mechanisms.append(DPSGDMechanism(self.scenario, server.federation.client_sizes()))
 
     def prepare_round(self, server_round: int) -> None:
         """Called at the start of ``configure_train``, after the global model is set."""
@@ -282,8 +307,8 @@ class FedSimStrategy(Strategy):
 
     def privacy_mechanisms(self) -> list[Any]:
         """The DP mechanisms this strategy owns (sampling, noise and accounting event together);
-        the run's ledger composes what they report."""
-        return []
+        the run's ledger composes what they report, and every reply is checked against them."""
+        return list(self.mechanisms)
 
     def parse_reply(self, content: RecordDict, metrics: dict[str, Any], pid: int) -> list[np.ndarray]:
         """Turn a reply's content into the arrays :meth:`aggregate` gets, or raise
@@ -329,13 +354,15 @@ class FedSimStrategy(Strategy):
                 continue
             try:
                 metrics = dict(r.content.metric_records["metrics"]) if "metrics" in r.content.metric_records else {}
-                pid = int(metrics.get("partition-id", pid if pid is not None else -1))
+                pid = self._reply_partition(node, pid, metrics.get("partition-id"))
                 if metrics.get("sat-out"):  # the client chose not to contribute (e.g. no confident sample)
                     self.failures.append(FailureRecord(server_round, pid, node, "sat-out",
                                                        str(metrics.get("reason", "client sat the round out"))))
                     continue
                 arrays = self.parse_reply(r.content, metrics, pid)
                 n = self.validate_weight(metrics, pid)
+                for mechanism in self.mechanisms:  # a private reply must say it did what is accounted
+                    mechanism.check_reply(pid, metrics)
             except ClientUpdateError as err:
                 self.failures.append(FailureRecord(server_round, pid, node, "invalid", err.message))
                 continue
@@ -348,8 +375,19 @@ class FedSimStrategy(Strategy):
         updates.sort(key=lambda u: u.partition_id)
         return updates
 
+    @staticmethod
+    def _reply_partition(node: int, pid: int | None, reported: Any) -> int:
+        """The partition a reply speaks for: the one the directory gave its node, never a claim."""
+        if pid is None:
+            claimed = int(reported) if isinstance(reported, (int, float)) and not isinstance(reported, bool) else -1
+            raise ClientUpdateError(claimed, "node", f"reply from node {node}, which holds no partition")
+        if reported is not None and reported != pid:
+            raise ClientUpdateError(pid, "metrics.partition-id", f"reported {reported!r} but node {node} holds "
+                                    f"partition {pid}", "a node speaks only for the partition it registered")
+        return pid
+
     def train_metrics(self, updates: list[ClientUpdate]) -> dict[str, float | int]:
-        out: dict[str, float | int] = _weighted_metrics([u.metrics for u in updates])
+        out: dict[str, float | int] = weighted_metrics([u.metrics for u in updates])
         out["num-clients"] = len(updates)
         out["num-examples"] = int(sum(u.num_examples for u in updates))
         times = [float(u.metrics.get("sim-time", 0.0)) for u in updates]
@@ -362,37 +400,6 @@ class FedSimStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         return None
-
-
-@dataclass(frozen=True)
-class ServerStepOptions:
-    """Options of strategies that apply the aggregate with a server step size."""
-
-    server_lr: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.server_lr <= 0:
-            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
-
-
-def require_mechanism(scenario: Scenario, strategy: str, mechanism: str) -> None:
-    """A private strategy needs the matching ``[privacy] mechanism`` (its noise and accounting)."""
-    if scenario.privacy.mechanism != mechanism:
-        raise ConfigError("privacy.mechanism", f"strategy {strategy} needs privacy.mechanism = \"{mechanism}\"",
-                          f"set [privacy] mechanism = \"{mechanism}\" with a noise_multiplier")
-
-
-def _weighted_metrics(ms: list[dict[str, Any]]) -> dict[str, float]:
-    """Example-weighted mean of numeric client metrics (ids and counts excluded)."""
-    skip = {"partition-id", "num-examples", "label-counts"}
-    weights = [float(m.get("num-examples", 1)) for m in ms]
-    total = sum(weights) or 1.0
-    out: dict[str, float] = {}
-    for key in sorted({k for m in ms for k in m} - skip):
-        vals = [(w, m[key]) for w, m in zip(weights, ms) if isinstance(m.get(key), (int, float))]
-        if vals:
-            out[key] = float(sum(w * v for w, v in vals) / (sum(w for w, _ in vals) or total))
-    return out
 
 
 def make_strategy(scenario: Scenario) -> FedSimStrategy:

@@ -205,6 +205,7 @@ class SemiFL(FedSimStrategy):
 
     def attach_server(self, server) -> None:
         """Called by the server loop with the runtime holding the model and the labelled split."""
+        super().attach_server(server)
         self.server = server
         x, y = server.federation.server_data()
         self.xs = torch.tensor(np.asarray(x), dtype=torch.float32, device=server.device)
@@ -295,8 +296,26 @@ class SemiFL(FedSimStrategy):
         return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {f"momentum/{k}": v for k, v in self.momentum.buffer.items()}
+        """Global momentum and the server optimiser's momentum buffers (both persist across rounds)."""
+        state = {f"momentum/{k}": v for k, v in self.momentum.buffer.items()}
+        if self._server_opt is not None:
+            params = [p for g in self._server_opt.param_groups for p in g["params"]]
+            for i, p in enumerate(params):
+                buf = self._server_opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    state[f"opt/{i}"] = buf.detach().cpu().numpy().copy()
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.momentum.buffer = {k.split("/", 1)[1]: np.asarray(v) for k, v in state.items()
                                 if k.startswith("momentum/")}
+        bufs = {int(k.split("/", 1)[1]): v for k, v in state.items() if k.startswith("opt/")}
+        if bufs:
+            if self.server is None:
+                raise ValueError("SemiFL.load_state_dict needs attach_server first (the server model's optimiser)")
+            model = self.server.model
+            self._server_opt = _sgd(model.parameters(), self.options.lr, self.options.weight_decay)
+            for i, p in enumerate(model.parameters()):
+                if i in bufs:
+                    self._server_opt.state[p]["momentum_buffer"] = torch.as_tensor(
+                        np.asarray(bufs[i]), dtype=p.dtype, device=p.device).clone()

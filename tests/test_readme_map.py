@@ -30,8 +30,10 @@ def test_every_registered_name_is_in_the_table_with_its_file():
     listed = {(kind, n): path for names, kind, path, _ in rows for n in names}
     for kind, reg in kinds.items():
         for name, obj in reg.items():
-            assert (kind, name) in listed, f"README table lacks the {kind} '{name}'"
             where = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
+            if where.parts[0] == "tests":
+                continue  # registered by a test module (e.g. a plugin that counts rounds)
+            assert (kind, name) in listed, f"README table lacks the {kind} '{name}'"
             assert str(where) == listed[(kind, name)], f"{kind} '{name}' lives in {where}"
 
 

@@ -15,10 +15,12 @@ from tests.conftest import tiny
 
 REG = registries()
 
-# Plugins whose neutral setting cannot be checked against a plain run, each with the reason.
-# (None today: dp_sgd's neutral setting -- no Poisson sampling, no noise, no clipping -- leaves
-# Opacus disengaged and needs no privacy mechanism, so it is checked like the others.)
-NEUTRAL_EXEMPT: dict[str, str] = {}
+# Plugins a scenario enables through another section than [client], with the keys that do it.
+# dp_sgd takes every setting from [privacy] (one source of truth: a [client.dp_sgd] table is refused),
+# so a scenario cannot set it to its neutral values; its neutral setting is checked on the local loop
+# itself (test_dp_sgd_neutral_setting_equals_the_plain_loop).
+ENABLED_BY: dict[str, list[str]] = {"dp_sgd": ['privacy.mechanism="dp-sgd"', "privacy.noise_multiplier=1.0"]}
+NEUTRAL_EXEMPT: dict[str, str] = {"dp_sgd": "settings only from [privacy]; checked on the loop below"}
 
 # Short enough to stay fast, long enough that the second round trains from an aggregated model.
 NEUTRAL_BASE = ("run.rounds=2", "run.checkpoint_every=1", "client.max_steps=3")
@@ -42,7 +44,8 @@ def test_every_plugin_runs_and_has_a_neutral_setting(name, tmp_path):
     cls = REG["plugins"].get(name)
     neutral = cls.Settings.neutral()
     assert isinstance(neutral, cls.Settings)
-    s = tiny([f'client.plugins=["{name}"]', *getattr(cls, "tiny_overrides", ())])
+    enable = ENABLED_BY.get(name, [f'client.plugins=["{name}"]'])
+    s = tiny([*enable, *getattr(cls, "tiny_overrides", ())])
     summary = run_local(s, tmp_path)
     assert summary["status"] == "completed"
     assert np.isfinite(read_jsonl(tmp_path / "metrics.jsonl")[-1]["test_loss"])
@@ -100,6 +103,8 @@ def test_every_plugin_at_its_neutral_setting_equals_the_plain_run(name, plain_mo
 
 def test_neutral_overrides_enable_the_plugin_at_its_neutral_setting():
     for name in REG["plugins"].names():
+        if name in NEUTRAL_EXEMPT:
+            continue
         cls = REG["plugins"].get(name)
         s = tiny(neutral_overrides(cls))
         assert make_settings(cls, s.client.plugin_settings(name)) == cls.Settings.neutral(), name
@@ -110,3 +115,23 @@ def test_registries_are_not_empty():
         assert REG[kind].names(), kind
     for required in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean", "krum"):
         assert required in REG["strategies"]
+
+
+def test_dp_sgd_neutral_setting_equals_the_plain_loop():
+    """The one plugin a scenario cannot set to neutral: compared on the local training loop directly."""
+    import torch
+
+    from fedsim.clients.plugin_api import PluginStack, build_plugins
+    from fedsim.clients.trainer import train_local
+    from fedsim.models import build_model
+
+    s = tiny(list(NEUTRAL_BASE))
+    x, y = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 10
+    out = []
+    for stack in (PluginStack([]), build_plugins(["dp_sgd"], lambda _: dataclasses.asdict(
+            REG["plugins"].get("dp_sgd").Settings.neutral()))):
+        model = build_model(s.model, (64,), 10, 0)
+        train_local(model, x, y, s.client, stack, round=1, client_id=0, seed=0,
+                    rng=torch.Generator().manual_seed(1), config={}, progress=0.0)
+        out.append([p.detach().numpy().tobytes() for p in model.state_dict().values()])
+    assert out[0] == out[1]

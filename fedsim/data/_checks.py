@@ -1,7 +1,8 @@
 """Validation helpers shared by dataset loaders and partitioners.
 
-Each helper raises :class:`~fedsim.errors.ConfigError` naming the scenario key, so the user
-sees which setting to change (e.g. ``data.partition.alpha``).
+Each setting helper raises :class:`~fedsim.errors.ConfigError` naming the scenario key, so the user
+sees which setting to change (e.g. ``data.partition.alpha``); the data helpers at the end raise
+:class:`~fedsim.errors.DataError` naming the array and the fix.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fedsim.errors import ConfigError
+import numpy as np
+
+from fedsim.errors import ConfigError, DataError
+
+INT64_MAX = 2**63 - 1
 
 
 def positive_int(key: str, value: Any) -> int:
@@ -27,6 +32,8 @@ def int_at_least(key: str, value: Any, low: int) -> int:
         raise ConfigError(key, f"expected an integer, got {value!r}", f"set {key} to a whole number >= {low}")
     if value < low:
         raise ConfigError(key, f"must be >= {low}, got {value}", f"set {key} to a whole number >= {low}")
+    if value > INT64_MAX:  # NumPy would overflow it silently (a negative size, a wrapped seed)
+        raise ConfigError(key, f"{value} does not fit a 64-bit integer", f"set {key} to at most {INT64_MAX}")
     return int(value)
 
 
@@ -97,3 +104,45 @@ def with_checked_keywords(prefix: str, skip: int, hidden: tuple[str, ...] = ()) 
         return checked
 
     return deco
+
+
+# ------------------------------------------------------------------------------------ data checks
+#: most classes a dataset may have (labels ``0..K-1``): an output layer this wide is already beyond
+#: the models fedsim builds; a larger "label" is almost always an id that was never encoded
+MAX_CLASSES = 100_000
+
+
+def int_in_range(key: str, value: Any, low: int, high: int) -> int:
+    """Return ``value`` as an int in ``[low, high]`` or raise :class:`ConfigError` naming ``key``."""
+    value = int_at_least(key, value, low)
+    if value > high:
+        raise ConfigError(key, f"must be <= {high}, got {value}", f"set {key} to a whole number in {low}..{high}")
+    return value
+
+
+def class_bound(num_samples: int) -> int:
+    """Most classes ``num_samples`` labelled samples can be said to have: ``min(num_samples, MAX_CLASSES)``.
+
+    More classes than samples means some classes have no example at all, so the labels are not the
+    ``0..K-1`` encoding fedsim needs (a model would get an output per id, e.g. 10⁹ of them).
+    """
+    return max(1, min(int(num_samples), MAX_CLASSES))
+
+
+def finite_features(name: str, x: np.ndarray, fix: str) -> np.ndarray:
+    """``x`` as ``float32``; raise :class:`DataError` naming ``name`` for NaN/inf or a value beyond float32."""
+    if not np.isfinite(x).all():
+        raise DataError(f"{name} contains NaN or infinite values", fix)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as a DataError
+        out = x.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(f"{name} holds values beyond float32's range (±3.4e38), which become infinite",
+                        f"rescale {name.split()[0]} (e.g. standardise each feature) before saving")
+    return out
+
+
+def labels_in_range(name: str, labels: np.ndarray, num_classes: int, fix: str) -> None:
+    """Raise :class:`DataError` naming ``name`` unless every label lies in ``0..num_classes-1``."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise DataError(f"{name} has label {bad}, outside 0..{num_classes - 1} ({num_classes} classes)", fix)

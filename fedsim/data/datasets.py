@@ -26,6 +26,8 @@ DATASETS: Registry[Loader] = Registry("dataset")
 DATASET_KEY = "data.dataset"
 OPTIONS_PREFIX = "data.options"
 TEST_FRACTION_KEY = "data.test_fraction"
+#: how NumPy words a ValueError for an array larger than any address space
+_TOO_BIG = ("array is too big", "Maximum allowed size exceeded", "maximum supported dimension")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +77,27 @@ class Dataset:
         if self.natural_ids is not None and len(self.natural_ids) != len(self.y_train):
             raise DataError(f"dataset '{self.name}': natural_ids has {len(self.natural_ids)} entries "
                             f"for {len(self.y_train)} training samples", "give one id per training sample")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Classes in ``1..MAX_CLASSES``, labels in ``0..num_classes-1``, finite features, both splits
+        non-empty: what every model, partitioner and metric downstream relies on."""
+        k = self.num_classes
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= _checks.MAX_CLASSES:
+            raise DataError(f"dataset '{self.name}': {k!r} classes; a dataset needs 1..{_checks.MAX_CLASSES} "
+                            "(fedsim.data._checks.MAX_CLASSES)", f"lower {OPTIONS_PREFIX}.num_classes")
+        object.__setattr__(self, "num_classes", int(k))
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(y) == 0:
+                raise DataError(f"dataset '{self.name}': the {split} split is empty, so nothing could be "
+                                f"{'trained on' if split == 'train' else 'evaluated'}",
+                                f"change {TEST_FRACTION_KEY} or give the dataset more samples")
+            _checks.labels_in_range(f"dataset '{self.name}': y_{split}", y, self.num_classes,
+                                    "encode labels as 0..num_classes-1")
+            if not np.isfinite(x).all():
+                raise DataError(f"dataset '{self.name}': x_{split} contains NaN or infinite values",
+                                "clean the features before loading them")
 
     @property
     def num_train(self) -> int:
@@ -98,7 +121,13 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
 
         def load(seed: int, test_fraction: float = 0.2, **options) -> Dataset:
             _checks.real(TEST_FRACTION_KEY, test_fraction, low=0.0, high=1.0, high_inclusive=False)
-            return checked(seed, test_fraction, **options)
+            try:
+                return checked(seed, test_fraction, **options)
+            except (MemoryError, ValueError) as err:  # NumPy refused an allocation: the options ask too much
+                if not isinstance(err, MemoryError) and not str(err).startswith(_TOO_BIG):
+                    raise
+                raise DataError(f"dataset '{name}' with {OPTIONS_PREFIX} {options} needs more memory than "
+                                f"this machine has ({err})", f"ask for less data in {OPTIONS_PREFIX}") from None
 
         load.__wrapped__ = loader  # inspect.signature shows the loader's options
         load.__name__ = loader.__name__
@@ -116,8 +145,19 @@ def load_dataset(name: str, seed: int, test_fraction: float = 0.2, options: dict
 
 def split_train_test(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Generator,
                      groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(train, test)``, stratified by ``groups`` (default: by label ``y``)."""
-    return stratified_fraction(y if groups is None else groups, test_fraction, rng)
+    """Indices ``(train, test)``, stratified by ``groups`` (default: by label ``y``).
+
+    Raises :class:`DataError` naming ``data.test_fraction`` when either split would be empty (a test
+    accuracy over no sample would be reported as if it had been measured).
+    """
+    train, test = stratified_fraction(y if groups is None else groups, test_fraction, rng)
+    n = len(y)
+    if len(test) == 0 or len(train) == 0:
+        empty, fix = ("test", f"raise {TEST_FRACTION_KEY} to at least {1 / n:.3g}") if len(test) == 0 else (
+            "training", f"lower {TEST_FRACTION_KEY}")
+        raise DataError(f"{TEST_FRACTION_KEY}: {test_fraction} of {n} samples leaves the {empty} split empty",
+                        f"{fix} or use more samples")
+    return train, test
 
 
 @register_dataset("digits")

@@ -8,9 +8,11 @@ What :func:`run_deploy` does, in order (flwr 1.39, whose Fleet API is gRPC, ``gr
    text and the absolute run directory. The app has no dependencies and the SuperLink is started
    with ``--disable-runtime-dependency-installation``, so nothing is ever installed at run time;
 2. starts ``flower-superlink`` (Control/Runtime HTTP API on ``--port``, Fleet API gRPC-rere on
-   ``--fleet-api-address``), waits for ``/health``;
-3. starts N ``flower-supernode`` processes, node ``i`` with ``partition-id=i num-partitions=N``,
-   and waits until the SuperLink log shows N activated nodes;
+   ``--fleet-api-address``; by default TLS and ``--enable-supernode-auth``), waits for ``/health``;
+3. by default makes one EC P-384 key per SuperNode and registers its public key
+   (``flwr supernode register``); starts N ``flower-supernode`` processes, node ``i`` with
+   ``partition-id=i num-partitions=N`` and its private key, and waits until the SuperLink log shows
+   N activated nodes, all of them registered ones;
 4. submits the run with ``flwr run APP CONN --format json`` (not ``--stream``, whose exit code is
    0 even when the ServerApp failed), then polls ``flwr ls CONN --run-id ID --format json``
    until the status is ``finished:*``;
@@ -21,9 +23,15 @@ What :func:`run_deploy` does, in order (flwr 1.39, whose Fleet API is gRPC, ``gr
    SIGKILL each process group after a grace period) and copies the logs to
    ``RUN_DIR/deploy-logs/``.
 
-Only 127.0.0.1 is used. With ``scenario.deploy.insecure = false`` the SuperLink serves TLS
-(a throw-away CA and server certificate from :func:`make_test_certificates`), the SuperNodes use
-``--root-certificates`` and the CLI connection uses ``root-certificates``.
+Only 127.0.0.1 is used. By default (``deploy.insecure = false``) the SuperLink serves TLS (a
+throw-away CA and server certificate from :func:`make_test_certificates`, ``openssl`` needed), the
+SuperNodes and the CLI trust that CA, and only SuperNodes holding a registered key may join: a node
+with any other key cannot activate (see :mod:`fedsim.engines.processes`). Which node serves which
+partition is then settled by the ServerApp (``FedSimStrategy.discover``: the first claimant keeps a
+partition, later ones are refused and recorded). ``deploy.insecure = true`` turns TLS and node
+authentication off; the summary's ``deploy`` section says which was in force (``tls``, ``node_auth``,
+``registered_nodes``: node name -> node id). After the run, every node the SuperLink activated must
+be a registered one, or the run is an :class:`EngineError`.
 """
 
 from __future__ import annotations
@@ -85,13 +93,14 @@ def _parse_json(text: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _sigterm_as_exit():
-    """In the main thread, turn SIGTERM into SystemExit so the ``finally`` teardown still runs."""
+    """In the main thread, turn SIGTERM into ``KeyboardInterrupt("SIGTERM")`` (as SIGINT) so the
+    ``finally`` teardown still runs and the run is reported ``interrupted``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):  # pragma: no cover - signal path
-        raise SystemExit(128 + signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
@@ -116,6 +125,11 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
         raise ConfigError("deploy.nodes", f"{nodes} SuperNodes but only {scenario.data.num_clients} data "
                           "partitions", "set data.num_clients to at least the number of nodes")
     flower_bin("flower-superlink")  # fail early and clearly if Flower is missing
+    if not scenario.deploy.insecure and shutil.which("openssl") is None:
+        raise EngineError("a secure deployment (TLS + SuperNode authentication, the default) needs the "
+                          "'openssl' command for its throw-away certificates, and it is not on PATH",
+                          "install openssl; or, for a loopback experiment only, set deploy.insecure = true "
+                          "(no TLS, no node authentication)")
     from fedsim.catalog import resolve
 
     scen = resolve(scenario.model_copy(deep=True))
@@ -125,11 +139,13 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
     fed = LocalFederation(nodes=nodes, workdir=workdir, insecure=dep.insecure, startup_timeout=dep.startup_timeout)
+    interrupted: KeyboardInterrupt | None = None
     info: dict[str, Any] = {"nodes": nodes, "fleet_api": "grpc-rere", "tls": not dep.insecure,
-                            "scratch_dir": str(workdir)}
+                            "node_auth": fed.node_auth, "scratch_dir": str(workdir)}
     try:
         with _sigterm_as_exit(), fed:
-            info.update(http_port=fed.http_port, fleet_port=fed.fleet_port, **fed.timings)
+            info.update(http_port=fed.http_port, fleet_port=fed.fleet_port, **fed.timings,
+                        registered_nodes=dict(fed.registered))
             app = write_app(workdir / "app", dumps_scenario(scen), out)
             t_run = time.monotonic()
             run_id = _submit(fed, app)
@@ -138,7 +154,9 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
             info["status"] = status
             info["run_s"] = round(time.monotonic() - t_run, 2)
             _save_serverapp_log(fed, run_id)
+            fed.check_only_registered()  # Flower's guarantee, checked: no unregistered node took part
             summary = _read_summary(out, started)
+            _raise_typed(summary, out)
             if status != "finished:completed" or summary.get("status") != "completed":
                 what = summary.get("status", "no summary.json") if summary else "no summary.json written"
                 err = summary.get("error") if summary else None
@@ -147,10 +165,31 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
                     f"{'; ' + str(err) if err else ''}).\n{_log_tails(fed, run_id)}",
                     f"the full logs are in {out / 'deploy-logs'}; try `fedsim run --engine local` "
                     "with the same scenario to debug the ServerApp")
+    except KeyboardInterrupt as err:
+        interrupted = err
+        raise
     finally:
         _keep_logs(fed, out)
         shutil.rmtree(workdir, ignore_errors=True)
+        if interrupted is not None and not _read_summary(out, started):
+            from fedsim.results import write_stopped_summary  # the stopped ServerApp wrote none of its own
+
+            write_stopped_summary(out, "interrupted", str(interrupted.args[0]) if interrupted.args else "SIGINT",
+                                  rounds_planned=scen.run.rounds, strategy=scen.strategy.name, seed=scen.run.seed)
     return {**summary, "engine": "deploy", "deploy": info}
+
+
+def _raise_typed(summary: dict[str, Any], out: Path) -> None:
+    """A ServerApp stopped by a typed fedsim error (failed round, privacy budget…) stops this engine
+    with the same error class and exit code, not a generic :class:`EngineError`."""
+    import fedsim.errors as errors
+
+    cls = getattr(errors, str(summary.get("error_type")), None)
+    if isinstance(cls, type) and issubclass(cls, errors.FedSimError) and cls is not errors.EngineError:
+        err = cls.__new__(cls)
+        errors.FedSimError.__init__(err, f"{summary.get('error')} (deployment run; ServerApp log in "
+                                    f"{out / 'deploy-logs'})")
+        raise err
 
 
 def _submit(fed: LocalFederation, app: Path) -> int:

@@ -7,16 +7,28 @@ persistent :class:`flwr.app.Context` per node, and turns a client exception into
 With ``run.vectorize = true`` a :class:`~fedsim.clients.batched.BatchedFit` first takes the push's
 eligible plain ``train`` messages and trains those clients together in vectorised calls; every
 other message (and any client the batcher declines) still goes through the ClientApp one by one.
+
+``run.round_timeout`` holds here too. Clients run one after another in this process, so each
+client call's own wall time is measured and compared with the deadline, as if the clients ran in
+parallel on their own nodes: a reply that took longer is dropped (the strategy records that client
+as ``timeout``), and its duration is kept in :attr:`LocalGrid.late`. Clients trained together by the
+batcher are each charged an equal share of the batch's time.
+
+For a resume, :meth:`LocalGrid.export_state` packs every node's ``context.state`` (and the nodes
+that died) for the checkpoint and :meth:`LocalGrid.restore_state` puts them back.
 """
 
 from __future__ import annotations
 
+import base64
 import time
 import traceback
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
@@ -48,6 +60,10 @@ class LocalGrid(Grid):
                                           state=RecordDict(), run_config=dict(run_config or {}))
         self.dead: set[int] = set()
         self._replies: dict[str, Message] = {}
+        #: the deadline of the exchange in progress (``send_and_receive``'s ``timeout``)
+        self._deadline: float | None = None
+        #: ``(node id, seconds)`` of every reply dropped for arriving after its deadline
+        self.late: list[tuple[int, float]] = []
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SERVER_NODE_ID
@@ -83,27 +99,44 @@ class LocalGrid(Grid):
                 continue  # a dead node never answers: the server's deadline handles it
             todo.append((mid, msg, node))
         done: list = [None] * len(todo)
+        share = 0.0
         # (a test or tool that wraps ``_handle`` on the instance sees every message one by one)
         if self.batcher is not None and "_handle" not in self.__dict__ and len(todo) > 1:
+            t0 = time.perf_counter()
             try:
                 done = self.batcher.run([(msg, self.contexts[node]) for _, msg, node in todo])
             except Exception:  # noqa: BLE001 - the per-message path below reports any real error
                 done = [None] * len(todo)
+            share = (time.perf_counter() - t0) / max(sum(c is not None for c in done), 1)
         for (mid, msg, node), content in zip(todo, done):
+            took = share
             if content is not None:
-                self._replies[mid] = self._finish(Message(content, reply_to=msg), msg, self.contexts[node])
+                reply = self._finish(Message(content, reply_to=msg), msg, self.contexts[node])
+            else:
+                t0 = time.perf_counter()
+                try:
+                    reply = self._handle(msg, self.contexts[node])
+                except SystemExit:  # the client process died: no reply, and the node is gone
+                    self.dead.add(node)
+                    continue
+                took = time.perf_counter() - t0
+            if self._deadline is not None and took > self._deadline:
+                self.late.append((node, took))  # past the round's deadline: the server never sees it
                 continue
-            try:
-                self._replies[mid] = self._handle(msg, self.contexts[node])
-            except SystemExit:  # the client process died: no reply, and the node is gone
-                self.dead.add(node)
+            self._replies[mid] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        ids = list(self.push_messages(messages))
+        """Run every message's client and return the replies that came within ``timeout`` seconds
+        (each client call timed on its own; ``None`` = no deadline)."""
+        self._deadline = timeout
+        try:
+            ids = list(self.push_messages(messages))
+        finally:
+            self._deadline = None
         return self.pull_messages(ids)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -133,6 +166,31 @@ class LocalGrid(Grid):
         """Simulate a node that died: it disappears and never answers again."""
         self.dead.add(node_id_for(partition_id))
 
+    # --- checkpoint / resume ------------------------------------------------------------------
+    def export_state(self) -> tuple[tuple[dict[str, Any], dict[str, np.ndarray]], list[int]]:
+        """``((description, arrays), dead partition ids)``: every node's ``context.state``, packed
+        exactly by :func:`pack_states`, and the nodes that died (they stay dead after a resume)."""
+        pids = self.node_partitions
+        states = {pids[n]: c.state for n, c in self.contexts.items()}
+        return pack_states(states), sorted(pids[n] for n in self.dead if n in pids)
+
+    def restore_state(self, packed: tuple[dict[str, Any], dict[str, np.ndarray]], dead: list[int]) -> None:
+        """Put back what :meth:`export_state` packed; a checkpoint of another federation is refused."""
+        from fedsim.errors import CheckpointError
+
+        try:
+            states = unpack_states(*packed)
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"the checkpoint's client state cannot be read ({type(err).__name__}: {err})",
+                                  "the checkpoint is corrupted; resume from an intact run directory") from None
+        by_pid = {pid: node for node, pid in self.node_partitions.items()}
+        if sorted(states) != sorted(by_pid) or not set(dead) <= set(by_pid):
+            raise CheckpointError(f"the checkpoint holds client state for partitions {sorted(states)[:5]}…, the "
+                                  f"federation has {len(by_pid)} nodes", "resume only the scenario that wrote the run")
+        for pid, state in states.items():
+            self.contexts[by_pid[pid]].state = state
+        self.dead = {by_pid[p] for p in dead}
+
 
 def _is_expected(exc: BaseException) -> bool:
     from fedsim.errors import FedSimError
@@ -140,8 +198,78 @@ def _is_expected(exc: BaseException) -> bool:
     return isinstance(exc, FedSimError)
 
 
-def run_local(scenario, out_dir, on_round=None, grid_hook=None) -> dict:
-    """Run ``scenario`` on the embedded engine: the real ServerApp and ClientApp, one process."""
+# --- node state in checkpoints ---------------------------------------------------------------
+def pack_states(states: dict[int, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Serialise every node's ``context.state`` (a Flower ``RecordDict``) exactly: DP-SGD's
+    per-client accountants and every plugin's state live there.
+
+    Returns the JSON description (per partition id: records in order, config/metric values with
+    bytes as base64 and non-finite floats spelled out) and the arrays for the ``.npz``: each
+    ``Array``'s serialised bytes as ``uint8`` under ``<pid>/<record>/<item>``.
+    """
+    from fedsim.errors import CheckpointError
+
+    meta: dict[str, Any] = {}
+    blobs: dict[str, np.ndarray] = {}
+    for pid, state in sorted(states.items()):
+        records = []
+        for i, (name, record) in enumerate(state.items()):
+            if isinstance(record, ArrayRecord):
+                items = []
+                for j, (key, arr) in enumerate(record.items()):
+                    blobs[f"{pid}/{i}/{j}"] = np.frombuffer(arr.data, dtype=np.uint8)
+                    items.append({"key": key, "dtype": arr.dtype, "shape": list(arr.shape), "stype": arr.stype})
+                records.append({"name": name, "kind": "array", "items": items})
+            elif isinstance(record, (ConfigRecord, MetricRecord)):
+                kind = "config" if isinstance(record, ConfigRecord) else "metric"
+                records.append({"name": name, "kind": kind,
+                                "values": [[k, _encode_value(v)] for k, v in record.items()]})
+            else:
+                raise CheckpointError(f"client {pid}: state record '{name}' is a {type(record).__name__}, which "
+                                      "cannot be checkpointed", "keep client state in Array/Config/MetricRecords")
+        meta[str(pid)] = records
+    return meta, blobs
+
+
+def unpack_states(meta: dict[str, Any], blobs: dict[str, np.ndarray]) -> dict[int, Any]:
+    """Inverse of :func:`pack_states`."""
+    out: dict[int, Any] = {}
+    for pid, records in meta.items():
+        state = RecordDict()
+        for i, rec in enumerate(records):
+            if rec["kind"] == "array":
+                state[rec["name"]] = ArrayRecord({
+                    item["key"]: Array(dtype=item["dtype"], shape=tuple(item["shape"]), stype=item["stype"],
+                                       data=bytes(blobs[f"{pid}/{i}/{j}"]))
+                    for j, item in enumerate(rec["items"])})
+            else:
+                cls = ConfigRecord if rec["kind"] == "config" else MetricRecord
+                state[rec["name"]] = cls({k: _decode_value(v) for k, v in rec["values"]})
+        out[int(pid)] = state
+    return out
+
+
+def _encode_value(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_encode_value(x) for x in v]
+    if isinstance(v, bytes):
+        return {"b64": base64.b64encode(v).decode()}
+    if isinstance(v, float) and not np.isfinite(v):
+        return {"float": repr(v)}
+    return v
+
+
+def _decode_value(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_decode_value(x) for x in v]
+    if isinstance(v, dict):
+        return base64.b64decode(v["b64"]) if "b64" in v else float(v["float"])
+    return v
+
+
+def run_local(scenario, out_dir, on_round=None, grid_hook=None, resume: bool = False) -> dict:
+    """Run ``scenario`` on the embedded engine: the real ServerApp and ClientApp, one process.
+    ``resume=True`` continues the run in ``out_dir`` from its latest checkpoint."""
     from flwr.app import Context
 
     from fedsim.catalog import resolve
@@ -151,7 +279,8 @@ def run_local(scenario, out_dir, on_round=None, grid_hook=None) -> dict:
     resolve(scenario)
     result: dict = {}
     client_app = build_client_app(scenario)
-    server_app = build_server_app(scenario, out_dir, engine="local", on_round=on_round, result=result)
+    server_app = build_server_app(scenario, out_dir, engine="local", on_round=on_round, result=result,
+                                  resume=resume)
     batcher = None
     if getattr(scenario.run, "vectorize", False):
         from fedsim.clients.batched import BatchedFit

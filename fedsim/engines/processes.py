@@ -1,5 +1,11 @@
-"""Processes of a local Flower federation: free ports, environments, TLS test certificates, and a
-SuperLink with N SuperNodes on 127.0.0.1 that are always stopped (used by :mod:`fedsim.engines.deploy`).
+"""Processes of a local Flower federation (free ports, environments, TLS certificates, SuperNode keys,
+a SuperLink with N SuperNodes on 127.0.0.1, always stopped), used by :mod:`fedsim.engines.deploy`.
+
+Secure by default (flwr 1.39, Flower docs "Authenticate SuperNodes"): TLS, and a SuperLink with
+``--enable-supernode-auth`` (no self-registration on the Fleet API). Each SuperNode gets an EC P-384
+key made for the run, registered with ``flwr supernode register`` before the node starts; the node
+signs its Fleet calls with it (``--auth-supernode-private-key``). An unregistered key cannot activate
+("No SuperNode found with the given public key") and the node exits; node ids are tied to keys.
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsim.engines.credentials import Certificates, make_node_key, make_test_certificates  # noqa: F401
 from fedsim.errors import EngineError
 
 LOOPBACK = "127.0.0.1"
 CONNECTION = "fedsim"
-ACTIVATED = re.compile(r"ActivateNode\]?\s*Activated node_id", re.IGNORECASE)
+ACTIVATED = re.compile(r"ActivateNode\]?\s*Activated node_id=(\d+)", re.IGNORECASE)
 GRACE_S = 10.0  # seconds between SIGTERM and SIGKILL at teardown
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "ftp_proxy")
 
@@ -76,43 +84,6 @@ def child_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-@dataclass
-class Certificates:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def make_test_certificates(directory: str | Path, days: int = 2) -> Certificates:
-    """A throw-away CA and a server certificate for 127.0.0.1 (SAN ``IP:127.0.0.1``), via openssl.
-
-    For tests and loopback runs only; on real machines use certificates from your own CA with the
-    SuperLink's real address in the SAN.
-    """
-    openssl = shutil.which("openssl")
-    if not openssl:
-        raise EngineError("TLS needs the 'openssl' command, which is not on PATH",
-                          "install openssl, or set deploy.insecure = true for a loopback test")
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca, key, csr, cert, ext = (d / n for n in ("ca.key", "ca.crt", "server.key", "server.csr",
-                                                        "server.pem", "san.ext"))
-    ext.write_text("subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n")
-    steps = [
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-         "-days", str(days), "-subj", "/CN=fedsim-test-ca"],
-        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
-         "-days", str(days), "-extfile", ext],
-    ]
-    for cmd in steps:
-        res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=60)
-        if res.returncode != 0:
-            raise EngineError(f"openssl failed ({' '.join(str(c) for c in cmd[:3])}): {res.stderr.strip()[-400:]}",
-                              "check that openssl works: openssl version")
-    return Certificates(ca=ca.resolve(), cert=cert.resolve(), key=key.resolve())
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NOISE = ("[uvicorn.access]", "ControlServicer.ListRuns", "ControlServicer.StreamLogs")
 
@@ -148,11 +119,13 @@ class LocalFederation:
 
     ``node_config`` (optional) gives each node's extra ``--node-config`` entries, e.g.
     ``{"data-path": "/data/node0.npz"}``; ``partition-id`` and ``num-partitions`` are always set.
+    ``insecure=False`` (default): TLS *and* SuperNode authentication, a key per node registered before
+    it starts (``registered``: node name -> node id). ``insecure=True``: neither, any node may join.
     """
 
     nodes: int
     workdir: Path
-    insecure: bool = True
+    insecure: bool = False
     startup_timeout: float = 120.0
     node_config: list[dict[str, Any]] | None = None
     procs: list[_Proc] = field(default_factory=list)
@@ -160,6 +133,11 @@ class LocalFederation:
     fleet_port: int = 0
     certs: Certificates | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    registered: dict[str, int] = field(default_factory=dict)  # node name -> registered node id
+
+    @property
+    def node_auth(self) -> bool:  # exactly when TLS is on: Flower refuses node auth without TLS
+        return not self.insecure
 
     # -- paths ----------------------------------------------------------------------------------
     @property
@@ -204,23 +182,52 @@ class LocalFederation:
                 "--disable-runtime-dependency-installation"]
         link += ["--insecure"] if self.certs is None else [
             "--ssl-certfile", str(self.certs.cert), "--ssl-keyfile", str(self.certs.key),
-            "--ssl-ca-certfile", str(self.certs.ca)]
+            "--ssl-ca-certfile", str(self.certs.ca), "--enable-supernode-auth"]
         self._spawn("superlink", link, self.superlink_log, self.env())
         self._wait_health(deadline)
+        self._write_connection()
         self.timings["superlink_ready_s"] = round(time.monotonic() - t0, 2)
 
         t1 = time.monotonic()
+        keys: list[Path | None] = [None] * self.nodes
+        if self.node_auth:  # one key per node, made for this run and registered before any node starts
+            keys = [self.workdir / "keys" / f"supernode-{i}" for i in range(self.nodes)]
+            pubs = [make_node_key(k) for k in keys]
+            with ThreadPoolExecutor(max_workers=min(4, self.nodes)) as pool:  # each is a `flwr` CLI process
+                list(pool.map(lambda i: self.register_key(pubs[i], f"supernode-{i}"), range(self.nodes)))
+            self.timings["nodes_registered_s"] = round(time.monotonic() - t1, 2)
         for i, port in enumerate(node_ports):
             cfg = {"partition-id": i, "num-partitions": self.nodes, **(self.node_config[i] if self.node_config else {})}
-            node = [flower_bin("flower-supernode"), "--grpc-rere", "--superlink", f"{LOOPBACK}:{self.fleet_port}",
-                    "--host", LOOPBACK, "--port", str(port), "--node-config", _node_config(cfg)]
-            node += ["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs.ca)]
-            home = self.workdir / f"node{i}" / "home"
-            home.mkdir(parents=True, exist_ok=True)
-            self._spawn(f"supernode-{i}", node, self.logs / f"supernode-{i}.log", self.env(home))
+            self.add_supernode(f"supernode-{i}", cfg, port, keys[i])
         self._wait_activated(deadline)
         self.timings["nodes_ready_s"] = round(time.monotonic() - t1, 2)
-        self._write_connection()
+
+    def register_key(self, public_key: Path, name: str) -> int:
+        """Register a SuperNode public key (``flwr supernode register``) as ``name``; its node id."""
+        res = self.flwr("supernode", "register", str(public_key), CONNECTION, "--name", name,
+                        "--format", "json", timeout=120)
+        start, end = res.stdout.find("{"), res.stdout.rfind("}")
+        with contextlib.suppress(ValueError):
+            data = json.loads(res.stdout[start:end + 1])
+            if res.returncode == 0 and data.get("success") and data.get("node-id"):
+                self.registered[name] = int(data["node-id"])
+                return self.registered[name]
+        raise EngineError(f"`flwr supernode register` failed for {name} (exit {res.returncode}): "
+                          f"{(res.stdout + res.stderr).strip()[-600:]}\n--- superlink log\n{_tail(self.superlink_log, 12)}",
+                          "see the SuperLink log; node keys must be EC keys on a NIST curve in OpenSSH format")
+
+    def add_supernode(self, name: str, node_config: dict[str, Any], port: int | None = None,
+                      private_key: Path | None = None) -> None:
+        """Start a ``flower-supernode`` (own FLWR_HOME, log ``logs/NAME.log``). With node authentication
+        only a ``private_key`` registered by :meth:`register_key` lets it activate."""
+        port = port if port is not None else free_ports(1)[0]
+        node = [flower_bin("flower-supernode"), "--grpc-rere", "--superlink", f"{LOOPBACK}:{self.fleet_port}",
+                "--host", LOOPBACK, "--port", str(port), "--node-config", _node_config(node_config)]
+        node += ["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs.ca)]
+        node += ["--auth-supernode-private-key", str(private_key)] if private_key is not None else []
+        home = self.workdir / name / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        self._spawn(name, node, self.logs / f"{name}.log", self.env(home))
 
     def stop(self) -> None:
         """SIGTERM the SuperNodes, then the SuperLink; SIGKILL every process group after the grace period."""
@@ -246,9 +253,12 @@ class LocalFederation:
         # The SuperLink starts its SuperExec in a session of its own (and that one starts
         # flwr-serverapp), so a process-group kill cannot reach them: sweep by FLWR_HOME, which
         # every process of this federation inherited and which is unique to this workdir.
-        for pid in leftover_processes(self.workdir):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        end = time.monotonic() + GRACE_S
+        while (left := leftover_processes(self.workdir)) and time.monotonic() < end:
+            for pid in left:  # SIGKILL is delivered asynchronously: sweep until none is left
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
 
     # -- the CLI --------------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -308,11 +318,26 @@ class LocalFederation:
                                   f"{_tail(self.superlink_log)}", "raise deploy.startup_timeout or see the log")
             time.sleep(0.2)
 
+    def activated(self) -> set[int]:
+        """Node ids the SuperLink has activated so far (from its log)."""
+        with contextlib.suppress(OSError):
+            return {int(n) for n in ACTIVATED.findall(self.superlink_log.read_text(errors="replace"))}
+        return set()
+
+    def check_only_registered(self) -> None:
+        """With node authentication, raise unless every activated node holds a registered key."""
+        strangers = self.activated() - set(self.registered.values()) if self.node_auth else set()
+        if strangers:
+            raise EngineError(f"SuperNodes {sorted(strangers)} were activated but only "
+                              f"{sorted(self.registered.values())} were registered: results are not trusted",
+                              "SuperNode authentication was not in force; see the SuperLink log")
+
     def _wait_activated(self, deadline: float) -> None:
+        """Wait for N activated nodes; with node authentication they must be the registered ones."""
         while True:
             self._check_alive()
-            text = self.superlink_log.read_text(errors="replace") if self.superlink_log.exists() else ""
-            n = len(ACTIVATED.findall(text))
+            self.check_only_registered()
+            n = len(self.activated())
             if n >= self.nodes:
                 return
             if time.monotonic() > deadline:
@@ -356,7 +381,4 @@ def leftover_processes(workdir: str | Path) -> list[int]:
 
 
 def _node_config(cfg: dict[str, Any]) -> str:
-    parts = []
-    for k, v in cfg.items():
-        parts.append(f"{k}={json.dumps(v) if isinstance(v, str) else v}")
-    return " ".join(parts)
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in cfg.items())

@@ -42,8 +42,20 @@ def run_ray(scenario: Scenario, out_dir: str | Path, on_round=None) -> dict[str,
                       "init_args": init_args}
     if r.max_workers:
         backend_config["init_args"]["num_cpus"] = min(cpus, r.max_workers * r.num_cpus)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=scenario.data.num_clients,
-                   backend_config=backend_config)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=scenario.data.num_clients,
+                       backend_config=backend_config)
+    except KeyboardInterrupt as err:
+        # the signal reaches this (main) thread only: the ServerApp thread stops before its next
+        # round, and the summary says so now, whatever that thread still manages to write
+        from fedsim.results import write_stopped_summary
+        from fedsim.server import request_stop
+
+        request_stop()
+        write_stopped_summary(out_dir, "interrupted", str(err.args[0]) if err.args else "SIGINT",
+                              rounds_planned=scenario.run.rounds, strategy=scenario.strategy.name,
+                              seed=scenario.run.seed)
+        raise
     if not result:
         raise EngineError("the Ray simulation ended without a result",
                           "look at the log above for the ServerApp's error; try --engine local to debug")

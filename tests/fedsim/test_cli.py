@@ -2,10 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,3 +73,109 @@ def test_bad_scenarios_exit_non_zero_with_the_key(args, code, words, tmp_path):
 def test_missing_scenario_file():
     p = fedsim("run", "nope.toml", check=False)
     assert p.returncode == 2 and "not found" in p.stderr
+
+
+# ------------------------------------------------------- issue 9: honest endings, run dirs, resume
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+LONG = 60  # rounds: the signal comes after round 2, long before the end
+SMALL = ["--set", "data.num_clients=4", "--set", "client.max_steps=2", "--set", "strategy.min_train_clients=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_with_130_and_an_interrupted_summary(sig, tmp_path):
+    from fedsim.results import read_jsonl
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", "scenarios/default.toml", *SMALL,
+                             "--set", f"run.rounds={LONG}", "--out", str(out)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    deadline = time.monotonic() + 240
+    metrics = out / "metrics.jsonl"
+    while not metrics.exists() or metrics.read_text().count("\n") < 3:      # rounds 0, 1, 2 written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and sig.name in said[0] and f"fedsim resume {out}" in said[0], err
+    assert "Traceback" not in err
+    summary = _summary(out)
+    done = summary["rounds_completed"]
+    assert summary["status"] == "interrupted" and summary["error"] == sig.name and 2 <= done < LONG
+    assert read_jsonl(out / "metrics.jsonl")[-1]["round"] == done
+
+
+def _stop_at(at):
+    def on_round(rnd, row):
+        if rnd == at:
+            raise KeyboardInterrupt("SIGTERM")
+    return on_round
+
+
+@pytest.mark.slow
+def test_resume_continues_to_the_uninterrupted_model(tmp_path):
+    from fedsim.catalog import resolve
+    from fedsim.config import load_scenario
+    from fedsim.engines.local import run_local
+    from fedsim.results import load_checkpoint, read_jsonl
+    from tests.conftest import tiny
+
+    out, full = tmp_path / "run", tmp_path / "full"
+    with pytest.raises(KeyboardInterrupt):
+        run_local(tiny(["run.rounds=4"]), out, on_round=_stop_at(2))
+    cfg = out / "config.toml"
+    original = cfg.read_text()
+    cfg.write_text(original.replace("rounds = 4", "rounds = 6"))
+    p = fedsim("resume", str(out), check=False)
+    assert p.returncode == 12 and "different scenario" in p.stderr, p.stderr     # config.toml changed: refused
+    cfg.write_text(original)
+    resumed = json.loads(fedsim("resume", str(out), "--format", "json").stdout)
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == 2 and resumed["rounds_completed"] == 4
+    run_local(resolve(load_scenario(cfg)), full)
+    a = load_checkpoint(out / "checkpoints" / "round_0004.npz")["model"]
+    b = load_checkpoint(full / "checkpoints" / "round_0004.npz")["model"]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+def test_failed_rounds_exit_non_zero_unless_continue_is_asked(tmp_path):
+    crash = ["--set", "faults.crash_clients=[0, 1, 2, 3]", "--set", "run.rounds=2"]
+    p = fedsim("run", "scenarios/default.toml", *SMALL, *crash, "--out", str(tmp_path / "a"), check=False)
+    assert p.returncode == 10 and "FailedRoundError" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert _summary(tmp_path / "a")["status"] == "stopped: FailedRoundError"
+    p = fedsim("run", "scenarios/default.toml", *SMALL, *crash, "--set", 'run.on_failed_round="continue"',
+               "--out", str(tmp_path / "b"), "--format", "json")
+    summary = json.loads(p.stdout)
+    assert summary["status"] == "completed" and summary["failed_rounds"] == [1, 2]
+
+
+def test_out_is_refused_when_not_empty_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    fedsim("run", "scenarios/default.toml", *SMALL, "--set", "run.rounds=2", "--out", str(out))
+    p = fedsim("run", "scenarios/default.toml", *SMALL, "--set", "run.rounds=1", "--out", str(out), check=False)
+    assert p.returncode == 11 and "not empty" in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert _summary(out)["rounds_completed"] == 2                              # untouched
+    fedsim("run", "scenarios/default.toml", *SMALL, "--set", "run.rounds=1", "--out", str(out), "--overwrite")
+    assert sorted(f.name for f in (out / "checkpoints").iterdir()) == ["latest.json", "round_0001.npz"]
+    assert _summary(out)["rounds_completed"] == 1
+
+
+def test_resume_refuses_other_engines_and_non_run_directories(tmp_path):
+    from fedsim.engines.local import run_local
+    from tests.conftest import tiny
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_local(tiny(["run.rounds=3"]), out, on_round=_stop_at(1))
+    cfg = out / "config.toml"
+    cfg.write_text(cfg.read_text().replace('engine = "local"', 'engine = "ray"', 1))
+    p = fedsim("resume", str(out), check=False)
+    assert p.returncode == 2 and "local engine" in p.stderr, p.stderr
+    p = fedsim("resume", str(tmp_path), check=False)
+    assert p.returncode == 1 and "config.toml" in p.stderr

@@ -1,7 +1,12 @@
+import math
+import os
+
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fedsim.catalog import resolve
-from fedsim.config import apply_overrides, dumps_scenario, load_scenario, loads_scenario, parse_value, scenario_from_dict
+from fedsim.config import (MAX_NOISE, MAX_SCENARIO_BYTES, MIN_NOISE, apply_overrides, dumps_scenario, load_scenario,
+                           loads_scenario, parse_value, scenario_from_dict)
 from fedsim.errors import ConfigError, DataError, UnknownNameError
 from tests.conftest import TINY, tiny
 
@@ -44,10 +49,10 @@ def test_unknown_names_are_unknown_name_errors():
         resolve(scenario)
 
 
-def test_unimplemented_attacks_are_refused_by_the_schema():
+def test_unknown_attacks_are_refused_by_the_schema():
     from fedsim.faults import ATTACKS
 
-    for attack in ("ipm", "alie"):
+    for attack in ("ipm2", "little_is_enough", "backdoor"):
         with pytest.raises(ConfigError) as ei:
             scenario_from_dict({"faults": {"attack": attack, "byzantine_clients": [0]}})
         assert ei.value.key == "faults.attack"
@@ -96,3 +101,172 @@ def test_builtin_scenarios_validate():
 
 def test_tiny_matches_template():
     assert tiny().run.rounds == TINY["run"]["rounds"]
+
+
+# ---------------------------------------------- issue 9: bad values refused by the schema, with the key
+def _refused(raw: dict, key: str) -> str:
+    with pytest.raises(ConfigError) as ei:
+        resolve(scenario_from_dict(raw))
+    assert ei.value.key == key, str(ei.value)
+    return str(ei.value)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"model": {"hidden": [-5]}}, "model.hidden"),
+    ({"model": {"hidden": [0]}}, "model.hidden"),
+    ({"model": {"hidden": [8, 0]}}, "model.hidden"),
+    ({"model": {"name": "cnn", "channels": [0]}}, "model.channels"),
+    ({"client": {"lr": math.inf}}, "client.lr"),
+    ({"client": {"weight_decay": math.inf}}, "client.weight_decay"),
+    ({"client": {"plugins": ["fedprox"], "fedprox": {"mu": math.inf}}}, "client.fedprox.mu"),
+    ({"strategy": {"server_lr": math.nan}}, "strategy.server_lr"),
+    ({"strategy": {"name": "fedprox", "mu": -math.inf}}, "strategy.mu"),
+    ({"data": {"options": {"noise": [0.1, math.nan]}}}, "data.options.noise"),
+    ({"data": {"partition": {"alpha": math.inf}}}, "data.partition.alpha"),
+    ({"data": {"num_clients": 10**20}}, "data.num_clients"),
+    ({"privacy": {"clip_norm": math.inf}}, "privacy.clip_norm"),
+    ({"privacy": {"noise_multiplier": 1e-300}}, "privacy.noise_multiplier"),
+    ({"privacy": {"counter_noise": 1e308}}, "privacy.counter_noise"),
+    ({"faults": {"crash_clients": [10]}}, "faults.crash_clients"),           # ids are 0..9
+    ({"faults": {"crash_clients": [-1]}}, "faults.crash_clients"),
+    ({"faults": {"crash_clients": [0], "crash_rounds": [11]}, "run": {"rounds": 10}}, "faults.crash_rounds"),
+    ({"faults": {"crash_clients": [0], "crash_rounds": [0]}}, "faults.crash_rounds"),
+    ({"faults": {"crash_rounds": [1]}}, "faults.crash_rounds"),             # nobody to crash
+    ({"strategy": {"min_train_clients": 11}}, "strategy.min_train_clients"),
+    ({"run": {"device": "cuda:99"}}, "run.device"),
+])
+def test_bad_values_are_refused_naming_the_key(raw, key):
+    _refused(raw, key)
+
+
+def test_the_boundaries_of_those_checks_are_accepted():
+    s = scenario_from_dict({"run": {"rounds": 3}, "data": {"num_clients": 5},
+                            "faults": {"crash_clients": [0, 4], "crash_rounds": [1, 3]},
+                            "strategy": {"min_train_clients": 5}, "model": {"hidden": [], "dropout": 0.5},
+                            "privacy": {"noise_multiplier": MIN_NOISE, "counter_noise": MAX_NOISE}})
+    assert s.faults.crash_clients == [0, 4] and s.strategy.min_train_clients == 5 and s.model.hidden == []
+    from fedsim.models import build_model
+
+    cnn = scenario_from_dict({"model": {"name": "cnn", "norm": "group", "channels": [6, 12], "groups": 3}}).model
+    assert build_model(cnn, (1, 8, 8), 10, seed=0)[1].num_groups == 3
+
+
+def test_devices_this_machine_lacks_are_refused():
+    import torch
+
+    lacking = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:0"])
+    mps = getattr(torch.backends, "mps", None)
+    lacking += [] if mps is not None and mps.is_available() else ["mps"]
+    for device in lacking:
+        assert "run.device" in _refused({"run": {"device": device}}, "run.device")
+    for device in ("auto", "cpu"):
+        assert scenario_from_dict({"run": {"device": device}}).run.device == device
+    if torch.cuda.is_available():
+        assert scenario_from_dict({"run": {"device": "cuda:0"}}).run.device == "cuda:0"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-3, 3), max_size=4))
+def test_widths_are_accepted_iff_every_layer_has_a_unit(widths):
+    ok = all(w >= 1 for w in widths)
+    try:
+        scenario_from_dict({"model": {"hidden": widths}})
+        assert ok, widths
+    except ConfigError as err:
+        assert not ok and err.key == "model.hidden"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.just(0.0), st.floats(0.0, 1e300, exclude_min=True)))
+def test_noise_is_accepted_iff_zero_or_in_the_accountable_range(sigma):
+    ok = sigma == 0 or MIN_NOISE <= sigma <= MAX_NOISE
+    try:
+        scenario_from_dict({"privacy": {"noise_multiplier": sigma}})
+        assert ok, sigma
+    except ConfigError as err:
+        assert not ok and err.key == "privacy.noise_multiplier"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.lists(st.integers(-2, 8), max_size=3), st.lists(st.integers(-1, 5),
+                                                                                              max_size=3))
+def test_crashes_are_accepted_iff_they_name_real_clients_and_rounds(clients, rounds, ids, crash_rounds):
+    raw = {"run": {"rounds": rounds}, "data": {"num_clients": clients}, "strategy": {"min_train_clients": 1},
+           "faults": {"crash_clients": ids, "crash_rounds": crash_rounds}}
+    ok = (all(0 <= i < clients for i in ids) and all(1 <= r <= rounds for r in crash_rounds)
+          and (ids or not crash_rounds))
+    try:
+        scenario_from_dict(raw)
+        assert ok
+    except ConfigError as err:
+        assert not ok and err.key in ("faults.crash_clients", "faults.crash_rounds")
+
+
+@pytest.mark.parametrize("model, key", [
+    ({"channels": [4]}, "model.channels"),                       # mlp has no channels
+    ({"norm": "group"}, "model.norm"),                           # nor a norm
+    ({"name": "logreg", "dropout": 0.1}, "model.dropout"),       # logreg has no dropout
+    ({"name": "cnn", "groups": 2}, "model.groups"),              # no GroupNorm: no groups
+    ({"name": "cnn", "norm": "group", "channels": [6]}, "model.groups"),  # 4 groups do not divide 6 channels
+])
+def test_a_model_setting_without_effect_is_refused_when_the_model_is_built(model, key):
+    from fedsim.models import build_model
+
+    cfg = scenario_from_dict({"model": model}).model
+    with pytest.raises(ConfigError) as ei:
+        build_model(cfg, (1, 8, 8), 10, seed=0)
+    assert ei.value.key == key, str(ei.value)
+
+
+def test_model_size_is_capped_before_anything_is_allocated():
+    from fedsim.config import ModelConfig
+    from fedsim.models import MAX_PARAMETERS, build_model, count_parameters
+
+    assert count_parameters(ModelConfig(hidden=[64]), (1, 8, 8), 10) == 64 * 64 + 64 + 64 * 10 + 10
+    for cfg, shape, classes, key in [(ModelConfig(hidden=[100_000, 100_000]), (64,), 10, "model.hidden"),
+                                     (ModelConfig(hidden=[64]), (64,), 10**9, "model.hidden"),
+                                     (ModelConfig(name="cnn", channels=[4096] * 3), (3, 32, 32), 10, "model.channels"),
+                                     (ModelConfig(name="logreg"), (0,), 3, "model.name")]:
+        with pytest.raises(ConfigError) as ei:
+            build_model(cfg, shape, classes, seed=0)
+        assert ei.value.key == key and (key == "model.name" or f"{MAX_PARAMETERS:,}" in str(ei.value))
+
+
+# ---------------------------------------------------------------------- the scenario file itself
+def _file(path, data):
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+    return path
+
+
+def _directory(path):
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: _file(d / "b.toml", b"\x00\xff\xfe" * 10), ["not a text file"]),
+    (lambda d: _directory(d / "dir.toml"), ["directory"]),
+    (lambda d: str(d / "a\x00b.toml"), ["NUL byte", "\\x00"]),
+    (lambda d: d / "elsewhere" / "default.toml", ["not found"]),       # no silent fallback to the built-in
+    (lambda d: _file(d / "big.toml", "#" * (MAX_SCENARIO_BYTES + 1)), ["bytes"]),
+    (lambda d: _file(d / "deep.toml", "x = " + "[" * 50_000 + "]" * 50_000), ["deeply"]),
+    (lambda d: os.devnull, ["not a regular file"]),
+], ids=["binary", "directory", "nul", "no-fallback", "too-big", "too-deep", "device"])
+def test_unusable_scenario_paths_are_config_errors_naming_the_path(make, words, tmp_path):
+    path = make(tmp_path)
+    with pytest.raises(ConfigError) as ei:
+        load_scenario(path)
+    assert "\n" not in str(ei.value) and str(ei.value).startswith(str(path)[:20].replace("\x00", "\\x00"))
+    for w in words:
+        assert w in str(ei.value), str(ei.value)
+
+
+def test_a_bare_builtin_name_still_finds_the_builtin_and_deep_overrides_are_strings():
+    assert load_scenario("default.toml").run.engine == "local"
+    assert parse_value("[" * 10_000) == "[" * 10_000
+    with pytest.raises(ConfigError) as ei:
+        scenario_from_dict({}, ["run.rounds=" + "[" * 10_000])
+    assert ei.value.key == "run.rounds" and len(str(ei.value)) < 400

@@ -262,3 +262,16 @@ def test_an_unparseable_declared_dtype_is_an_invalid_reply_not_a_crash():
     updates = strategy.collect(1, replies)
     assert [u.partition_id for u in updates] == [1]
     assert [(f.partition_id, f.kind) for f in strategy.failures] == [(0, "invalid")]
+
+
+def test_a_reply_speaks_only_for_the_partition_its_node_holds():
+    """A node mapped to partition 1 that reports partition 0 is refused, never aggregated as client 0."""
+    strategy = make_fedavg(3)
+    sent = send(strategy, [0, 1])
+    rng = np.random.default_rng(5)
+    replies = [Message(reply_content(honest_arrays(rng), {"num-examples": 3, "partition-id": 0}), reply_to=sent[0]),
+               Message(reply_content(honest_arrays(rng), {"num-examples": 3, "partition-id": 0}), reply_to=sent[1])]
+    updates = strategy.collect(1, replies)
+    assert [u.partition_id for u in updates] == [0]
+    (failure,) = strategy.failures
+    assert failure.partition_id == 1 and failure.kind == "invalid" and "partition-id" in failure.reason

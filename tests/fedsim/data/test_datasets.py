@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fedsim.data import DATASETS, load_dataset
 from fedsim.errors import ConfigError, DataError, UnknownNameError
@@ -171,3 +172,81 @@ def test_npz_file_errors(tmp_path):
         load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=objects, y_train=Y)})
     with pytest.raises(DataError, match="data.options.num_classes"):
         load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=X, y_train=Y * 3), "num_classes": 2})
+
+
+# ---- issue 9: labels, classes and features a model could not be built for are refused -------------------
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (np.r_[10**9, Y[1:]], r"'y_train'.* has label 1000000000.*samples"),                   # not a 64 GB layer
+    (Y.astype(np.uint64) + np.uint64(2**64 - 4), "'y_train'.* has label 18446744073709551"),  # never wrapped
+    (np.r_[1e300, Y[1:]], "'y_train'.* has label 1e\\+300"),
+    (Y > 0, "'y_train'.* must hold integer labels"),
+])
+def test_npz_labels_beyond_the_data_are_refused_before_any_allocation(tmp_path, labels, message):
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=X, y_train=labels)})
+    assert "np.unique" in info.value.hint
+
+
+@pytest.mark.parametrize(("x", "message"), [
+    (np.full((10, 2), 1e300), "beyond float32"),
+    (np.zeros((10, 0)), "at least one feature"),
+    (np.zeros((10, 3, 0)), "at least one feature"),
+])
+def test_npz_features_a_model_cannot_take_are_refused(tmp_path, x, message):
+    with pytest.raises(DataError, match=f"'x_train'.*{message}"):
+        load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=x, y_train=Y)})
+
+
+@pytest.mark.parametrize(("option", "error"), [(0, ConfigError), (11, ConfigError), (10**9, ConfigError),
+                                               ("2", ConfigError), (1, DataError)])
+def test_npz_num_classes_lies_between_the_labels_and_the_samples(tmp_path, option, error):
+    with pytest.raises(error, match="data.options.num_classes"):
+        load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=X, y_train=Y), "num_classes": option})
+    data = load_dataset("npz", 0, 0.2, {"path": save(tmp_path, x_train=X, y_train=Y), "num_classes": 10})
+    assert data.num_classes == 10
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-3, 2**40), min_size=10, max_size=10))
+def test_npz_labels_are_accepted_iff_they_are_classes_of_the_data(labels):
+    import tempfile
+    from pathlib import Path
+
+    labels = np.array(labels, dtype=np.int64)
+    ok = labels.min() >= 0 and labels.max() < len(labels)  # at most one class per sample
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(Path(tmp), x_train=X, y_train=labels, x_test=X[:2], y_test=np.zeros(2, np.int64))
+        try:
+            data = load_dataset("npz", 0, 0.2, {"path": path})
+            assert ok and data.num_classes == labels.max() + 1
+        except DataError as err:
+            assert not ok and "y_train" in str(err)
+
+
+def test_an_empty_split_is_refused_naming_test_fraction():
+    with pytest.raises(DataError, match="data.test_fraction.*test split empty"):
+        load_dataset("digits", 0, 1e-9)
+    with pytest.raises(DataError, match="data.test_fraction.*training split empty"):
+        load_dataset("digits", 0, 0.99999)
+
+
+def test_a_loader_asking_for_more_memory_than_exists_is_a_data_error():
+    with pytest.raises(DataError, match="more memory"):  # W alone would be 30 × 60 × 10¹¹ float64
+        load_dataset("synthetic", 0, 0.2, {"num_classes": 10**11})
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_classes": 0}, "classes"),
+    ({"num_classes": 10**6}, "classes"),
+    ({"y_test": np.array([0, 5])}, "y_test.*label 5"),
+    ({"x_train": np.array([[np.inf]] * 3, np.float32)}, "x_train.*NaN or infinite"),
+    ({"x_test": np.zeros((0, 1)), "y_test": np.zeros(0)}, "test split is empty"),
+])
+def test_every_dataset_is_checked_whatever_its_loader(kwargs, message):
+    from fedsim.data.datasets import Dataset
+
+    base = {"x_train": np.zeros((3, 1)), "y_train": np.array([0, 1, 0]), "x_test": np.zeros((2, 1)),
+            "y_test": np.array([1, 0]), "num_classes": 2, "input_shape": (1,), "name": "t"}
+    with pytest.raises(DataError, match=message):
+        Dataset(**{**base, **kwargs})

@@ -102,3 +102,97 @@ def test_crash_mode_exit_is_a_dead_node(tmp_path):
     bad = [c for c in read_jsonl(tmp_path / "clients.jsonl") if c["status"] != "ok"]
     assert bad and all(c["client"] == 3 for c in bad) and bad[0]["status"] == "timeout"
     assert all(c["client"] != 3 for c in read_jsonl(tmp_path / "clients.jsonl") if c["round"] == 2)
+
+
+# ----------------------------------------------------------------- issue 9: honest endings, deadlines
+class FakeClock:
+    """``time`` for fedsim.engines.local: perf_counter advances only when a client 'works'."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def time(self):
+        return 1.7e9 + self.now
+
+
+def _slow_client(grid, clock, pid, seconds):
+    original = grid._handle
+
+    def handle(msg, context):
+        if context.node_config["partition-id"] == pid and msg.metadata.message_type.startswith("train"):
+            clock.now += seconds           # this client's call takes `seconds` of (simulated) wall time
+        return original(msg, context)
+
+    grid._handle = handle
+
+
+def test_round_timeout_drops_a_late_reply_on_the_local_engine(tmp_path, monkeypatch):
+    import fedsim.engines.local as local
+
+    clock = FakeClock()
+    monkeypatch.setattr(local, "time", clock)
+    grids = []
+    s = tiny(["run.round_timeout=5"])
+    summary = run_local(s, tmp_path, grid_hook=lambda g: (grids.append(g), _slow_client(g, clock, 1, 6.0)))
+    assert summary["status"] == "completed"
+    clients = read_jsonl(tmp_path / "clients.jsonl")
+    late = [(c["round"], c["client"]) for c in clients if c["status"] == "timeout"]
+    assert late == [(1, 1), (2, 1)]
+    assert all(c["status"] == "ok" for c in clients if c["client"] != 1)
+    assert _final(tmp_path)["num-clients"] == 3
+    assert [round(t, 6) for _, t in grids[0].late] == [6.0, 6.0]
+    # just within the deadline: the reply counts
+    run_local(tiny(["run.round_timeout=6.5"]), tmp_path / "b", grid_hook=lambda g: _slow_client(g, clock, 1, 6.0))
+    assert all(c["status"] == "ok" for c in read_jsonl(tmp_path / "b" / "clients.jsonl"))
+
+
+def test_every_client_crashing_stops_the_run_with_a_typed_error(tmp_path):
+    from fedsim.errors import FailedRoundError
+
+    s = tiny(["faults.crash_clients=[0, 1, 2, 3]"])
+    with pytest.raises(FailedRoundError, match="no valid reply") as err:
+        run_local(s, tmp_path)
+    assert err.value.exit_code == 10 and "on_failed_round" in err.value.hint
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "stopped: FailedRoundError" and summary["failed_rounds"] == [1]
+    assert summary["rounds_completed"] == 1 and summary["error_type"] == "FailedRoundError"
+    assert _final(tmp_path)["round-failed"] == 1
+
+
+def test_quorum_never_met_stops_the_run(tmp_path):
+    from fedsim.errors import FailedRoundError, QuorumError
+
+    with pytest.raises(QuorumError, match="quorum") as err:        # FailedRoundError is a QuorumError
+        run_local(tiny(["faults.crash_clients=[0, 1, 2]", "run.quorum=0.5"]), tmp_path)
+    assert isinstance(err.value, FailedRoundError)
+
+
+def test_on_failed_round_continue_goes_on_and_counts_them(tmp_path):
+    from fedsim.results import load_checkpoint
+
+    s = tiny(["faults.crash_clients=[0, 1, 2, 3]", "faults.crash_rounds=[2]", "run.rounds=3",
+              'run.on_failed_round="continue"'])
+    summary = run_local(s, tmp_path)
+    assert summary["status"] == "completed" and summary["failed_rounds"] == [2]
+    before = load_checkpoint(tmp_path / "checkpoints" / "round_0001.npz")["model"]
+    after = load_checkpoint(tmp_path / "checkpoints" / "round_0002.npz")["model"]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))       # the failed round changed nothing
+
+
+@pytest.mark.parametrize("raised, status, kind", [
+    (KeyboardInterrupt("SIGTERM"), "interrupted", KeyboardInterrupt),
+    (RuntimeError("disk full"), "failed: RuntimeError", RuntimeError),
+])
+def test_a_run_that_does_not_finish_never_says_completed(tmp_path, raised, status, kind):
+    def on_round(rnd, row):
+        if rnd == 1:
+            raise raised
+
+    with pytest.raises(kind):
+        run_local(tiny(["run.rounds=5"]), tmp_path, on_round=on_round)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == status and summary["rounds_completed"] == 1 and summary["rounds_planned"] == 5
+    assert summary["error"] in ("SIGTERM", "disk full")
