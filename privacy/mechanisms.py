@@ -18,6 +18,7 @@ accounted is what was done. The ledger (``fedsim.privacy.ledger``) only composes
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,16 +37,18 @@ class RoundOutcome:
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-class Mechanism:
+class Mechanism(ABC):
     """Interface of a ledger entry."""
 
     name = ""
 
+    @abstractmethod
     def epsilon(self, delta: float) -> float:
-        raise NotImplementedError
+        """ε(δ) spent so far."""
 
+    @abstractmethod
     def epsilon_next(self, rnd: int, delta: float) -> float:
-        raise NotImplementedError
+        """ε(δ) once round ``rnd`` has run (the budget check before the round)."""
 
     def check_reply(self, pid: int, metrics: dict[str, Any]) -> None:
         """Raise ``ClientUpdateError`` if a reply's mechanism parameters are not the accounted ones."""

@@ -491,11 +491,18 @@ def test_an_unusable_scenario_path_is_refused_naming_it(name, tmp_path):
     assert_refused(outcome, out_dir, errors.ConfigError.exit_code, [shown[:60]], name)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_scenario_is_refused(tmp_path):
+def test_an_unreadable_scenario_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "secret.toml"
     path.write_text("[run]\nrounds = 1\n")
     path.chmod(0)
+    real_read = Path.read_bytes
+
+    def read_bytes(self):  # root (as in CI) reads a mode-0 file: make this one unreadable for everyone
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
     outcome = fedsim("run", str(path), "--out", str(tmp_path / "run"))
     assert_refused(outcome, tmp_path / "run", errors.ConfigError.exit_code, [str(path)], "unreadable")
 

@@ -17,9 +17,6 @@ from fedsim.results import load_checkpoint, read_jsonl
 from tests.conftest import tiny
 
 REG = registries()
-#: strategies whose ``state_dict`` does not yet hold all their state, each with what is missing; a
-#: strict xfail, so the test fails (and the entry must go) the day the strategy is fixed
-NOT_YET_RESUMABLE: dict[str, str] = {}
 #: wall-clock fields: the only ones allowed to differ between two runs of the same scenario
 TIMING = {"wall_s"}
 DPSGD = ['privacy.mechanism="dp-sgd"', "privacy.noise_multiplier=1.1", "privacy.clip_norm=1.0", "client.max_steps=0"]
@@ -69,9 +66,7 @@ def assert_same_run(full, part):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REG["strategies"].names())
-def test_every_strategy_resumes_to_the_uninterrupted_model(name, tmp_path, request):
-    if name in NOT_YET_RESUMABLE:
-        request.applymarker(pytest.mark.xfail(reason=NOT_YET_RESUMABLE[name], strict=True))
+def test_every_strategy_resumes_to_the_uninterrupted_model(name, tmp_path):
     cls = REG["strategies"].get(name)
     # checkpoints every 2 rounds, stopped after round 3: round 3 is written, dropped and redone
     sets = [f'strategy.name="{name}"', "data.num_clients=6", "strategy.min_train_clients=6", "run.rounds=4",
