@@ -4,6 +4,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# The index torch comes from. Empty: pip's configured index (here a mirror that serves the CPU build).
+# Elsewhere PyPI's torch for Linux is the CUDA build; get the CPU one with
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# Byte-compile what was installed (and fedsim's own packages): pip runs with --no-compile and some
+# environments set PYTHONDONTWRITEBYTECODE=1, so without this every process compiles torch's Python
+# sources again (seconds per command). py312_intrinsics: a torch test helper in Python 3.12 syntax.
+COMPILE = env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q -j 0 -x 'py312_intrinsics'
+PACKAGES = fedsim clients strategies privacy
 SCENARIO ?= scenarios/default.toml
 PYTEST_ARGS ?=
 # the suite runs on 2 worker processes (CI has 2 cores); each test file stays on one worker
@@ -13,12 +22,14 @@ PYTEST_WORKERS ?= 2
 
 $(VENV)/.stamp-install: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile $(TORCH)
+	$(PY) -m pip install -q --no-compile $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(PY) -m pip install -q --no-compile -e .
+	$(COMPILE) $(VENV)/lib $(PACKAGES)
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-install
 	$(PY) -m pip install -q -e '.[test]'
+	$(COMPILE) $(VENV)/lib
 	touch $@
 
 install: $(VENV)/.stamp-install
@@ -31,8 +42,11 @@ run: install
 test: test-deps
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+# one table: plain loop, fedsim default, vectorised, Ray engine, Flower's own Ray simulation (whole processes);
+# BENCH_ARGS=--quick for a cheap rerun; writes its section of bench/RESULTS.md and bench/bench_users.png
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_users.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -9,10 +9,11 @@ same batches (same sizes, same number of steps), accumulate the example-weighted
 fedsim figure is the sum of the rounds' wall time (sampling, messages, ClientApp, validation,
 aggregation), without the one-off set-up and the end-of-run plots; the total is printed too.
 
-Each workload is run twice through the engine: the default per-client path and the vectorised
-path (``run.vectorize = true``: eligible clients of a round trained together with ``torch.vmap``,
-see clients/batched.py; conv models stay per client on CPU). Repeats interleave plain, default and
-vectorised runs so that the ratios share the machine's load; medians are reported.
+Each workload is run three times through the engine: the per-client path (``run.vectorize =
+false``), the default (``"auto"``: eligible clients of a round trained together with ``torch.vmap``,
+see clients/batched.py; conv models stay per client on CPU) and ``run.vectorize = true`` (conv
+models batched too, as grouped convolutions). Repeats interleave the runs so that the ratios share
+the machine's load; medians are reported. ``bench_users.py`` (``make bench``) times whole processes.
 
 Usage:  python bench/bench_engine.py [--repeats 3] [--json out.json]
 """
@@ -109,9 +110,9 @@ def plain_time(raw: dict) -> float:
     return time.perf_counter() - t0
 
 
-def vectorised(raw: dict) -> dict:
+def vectorised(raw: dict, setting: bool | str = True) -> dict:
     out = copy.deepcopy(raw)
-    out["run"]["vectorize"] = True
+    out["run"]["vectorize"] = setting
     return out
 
 
@@ -125,11 +126,12 @@ def main() -> None:
     for name, raw in WORKLOADS.items():
         if args.only and name != args.only:
             continue
-        vec = vectorised(raw)
+        vec, per_client = vectorised(raw), vectorised(raw, False)
         plain_time(raw)  # warm-up: dataset cache, allocator, kernels
         fedsim_time(raw)
         fedsim_time(vec)
-        plain, engine, totals, engine_v, totals_v = [], [], [], [], []
+        fedsim_time(per_client)
+        plain, engine, totals, engine_v, totals_v, engine_p = [], [], [], [], [], []
         for _ in range(args.repeats):
             plain.append(plain_time(raw))
             r, t = fedsim_time(raw)
@@ -138,17 +140,22 @@ def main() -> None:
             r, t = fedsim_time(vec)
             engine_v.append(r)
             totals_v.append(t)
+            engine_p.append(fedsim_time(per_client)[0])
         p, e, v = statistics.median(plain), statistics.median(engine), statistics.median(engine_v)
-        results[name] = {"plain_s": round(p, 3), "fedsim_rounds_s": round(e, 3),
+        pc = statistics.median(engine_p)
+        results[name] = {"plain_s": round(p, 3), "per_client_rounds_s": round(pc, 3),
+                         "per_client_ratio": round(pc / p, 3), "fedsim_rounds_s": round(e, 3),
                          "fedsim_total_s": round(statistics.median(totals), 3), "ratio": round(e / p, 3),
                          "vectorised_rounds_s": round(v, 3),
                          "vectorised_total_s": round(statistics.median(totals_v), 3),
                          "vectorised_ratio": round(v / p, 3),
                          "ratios": [round(a / b, 3) for a, b in zip(engine, plain)],
                          "vectorised_ratios": [round(a / b, 3) for a, b in zip(engine_v, plain)]}
-        print(f"{name:16s} plain {p:7.3f} s   fedsim {e:7.3f} s   ratio {e / p:5.2f}x   "
+        print(f"{name:16s} plain {p:7.3f} s   per-client path (vectorize=false) {pc:7.3f} s   ratio "
+              f"{pc / p:5.2f}x", flush=True)
+        print(f"{'':16s} default {e:7.3f} s   ratio {e / p:5.2f}x   "
               f"(whole run incl. set-up and plots {statistics.median(totals):.2f} s)", flush=True)
-        print(f"{'':16s} {'':15s}   vectorised {v:7.3f} s   ratio {v / p:5.2f}x   "
+        print(f"{'':16s} {'':15s}   vectorize=true {v:7.3f} s   ratio {v / p:5.2f}x   "
               f"(whole run {statistics.median(totals_v):.2f} s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

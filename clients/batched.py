@@ -25,19 +25,22 @@ What is reproduced per client, exactly as :func:`fedsim.clients.trainer.train_lo
   ``privacy.release_counters``, as ``fit`` adds them). ``tests/clients/test_batched.py`` compares
   the reply keys with ``fit``'s, so a change to ``fit``'s reply must be mirrored here.
 
-Numerical differences (why ``run.vectorize`` is off by default): the batched kernels (``bmm``
-instead of ``mm``, grouped convolutions, a masked sum instead of ``mean``) round differently, so
-parameters agree with the per-client path to float32 rounding (≈1e-7 relative per step, measured
-≤1e-6 absolute after a round in the tests), not bit for bit; ``train_accuracy`` can differ when
-two logits tie to within rounding.
+The local engine uses this path by default (``run.vectorize = "auto"``; ``true`` also vectorises
+convolutional models on CPU, ``false`` never vectorises). It is deterministic for a scenario and
+seed, but the batched kernels (``bmm`` instead of ``mm``, grouped convolutions, a masked sum instead
+of ``mean``) round differently, so parameters agree with the per-client path to float32 rounding
+(≈1e-7 relative per step, measured ≤1e-6 absolute after a round in the tests), not bit for bit;
+``train_accuracy`` can differ when two logits tie to within rounding. Why clients ran one by one is
+logged once and counted in :meth:`BatchedFit.summary` (``summary.json``: ``vectorized``).
 
 Eligibility (anything else goes through the normal per-message path, client by client): message
 type ``train`` (the plain ``fit`` task) carrying ``arrays``; no client plugins (neither
 ``client.plugins`` nor the strategy's ``client_plugins``); ``client.optimizer = "sgd"``; no
 DP-SGD; a model without buffers, BatchNorm/InstanceNorm or Dropout; no fault that touches the
 client this round (crash, dropout, Byzantine); received arrays that match the model's parameters;
-client data with the common sample shape. By default (``when="faster"``) convolutional models
-are left to the per-message path on CPU, where their vectorised form is slower (:func:`cost_reason`).
+client data with the common sample shape. With ``when="faster"`` (``run.vectorize = "auto"``)
+convolutional models are left to the per-message path on CPU, where their vectorised form is slower
+(:func:`cost_reason`).
 A failure of the vectorised call itself (e.g. an
 operator ``vmap`` cannot batch) sends its clients back to the per-message path, which then
 reports any real error per client.
@@ -45,8 +48,10 @@ reports any real error per client.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +69,10 @@ from fedsim.wire import from_numpy
 CHUNK_BYTES = 256 * 2**20
 #: most clients in one vectorised call
 MAX_CHUNK = 256
+#: ``run.vectorize`` → ``BatchedFit(when=...)`` (``False``: no batcher at all)
+WHEN_FOR_SETTING = {"auto": "faster", True: "eligible"}
+
+_LOG = logging.getLogger("flwr")  # where the server logs its progress
 
 _STATEFUL = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
 
@@ -110,19 +119,26 @@ def scenario_reason(scenario: Scenario, model: nn.Module) -> str | None:
     return model_reason(model)
 
 
-def message_eligible(call: ClientCall) -> bool:
-    """Whether this message can join a vectorised call: plain ``train`` and no fault this round."""
-    if call.msg.metadata.message_type != "train" or "arrays" not in call.msg.content.array_records:
-        return False
+def message_reason(call: ClientCall) -> str | None:
+    """Why this message cannot join a vectorised call (``None``: plain ``train``, no fault this round)."""
+    if call.msg.metadata.message_type != "train":
+        return f"message type '{call.msg.metadata.message_type}'"
+    if "arrays" not in call.msg.content.array_records:
+        return "the message carries no 'arrays' record"
     if call.config.get(PLUGINS_KEY):  # a plugin the strategy enables (e.g. FedLD's margin loss)
-        return False
+        return f"the strategy enables client plugins ({call.config.get(PLUGINS_KEY)})"
     if is_byzantine(call.scenario, call.partition_id):
-        return False
+        return "a Byzantine client (faults.byzantine_clients)"
     try:
         call.apply_faults()  # crash / dropout: the per-message path raises them (same draws)
-    except ClientFailure:
-        return False
-    return True
+    except (ClientFailure, SystemExit):  # SystemExit: faults.crash_mode = "exit" (the node dies there)
+        return "a fault (crash or dropout) hits the client this round"
+    return None
+
+
+def message_eligible(call: ClientCall) -> bool:
+    """Whether this message can join a vectorised call (:func:`message_reason` is ``None``)."""
+    return message_reason(call) is None
 
 
 @dataclass
@@ -150,8 +166,11 @@ class BatchedFit:
         self._reason: str | None | bool = False  # False = not computed yet
         self._plugins_checked = False
         self._warned = False
+        self._logged = False
         self.calls = 0  # vectorised calls made (for tests and benchmarks)
         self.clients = 0  # clients trained by them
+        #: train messages left to the per-message path, by reason
+        self.fallbacks: Counter[str] = Counter()
 
     @property
     def runtime(self) -> ClientRuntime:
@@ -166,16 +185,42 @@ class BatchedFit:
                 self._reason = cost_reason(rt.model, rt.device)
         return self._reason  # type: ignore[return-value]
 
+    def summary(self) -> dict:
+        """What ``summary.json`` records as ``vectorized``: whether any client was trained here, why
+        not (the scenario-wide reason, else the commonest per-client one) and the counts."""
+        reason = self._reason if isinstance(self._reason, str) else None
+        if reason is None and not self.clients:
+            reason = (self.fallbacks.most_common(1)[0][0] if self.fallbacks
+                      else "no push held two or more train messages")
+        return {"used": self.clients > 0, "reason": reason, "when": self.when, "calls": self.calls,
+                "clients_batched": self.clients, "clients_per_client": sum(self.fallbacks.values()),
+                "per_client_reasons": dict(self.fallbacks.most_common(8))}
+
+    def _log_reason_once(self, num_train: int) -> None:
+        if self._logged or not isinstance(self._reason, str):
+            return
+        self._logged = True
+        level = logging.WARNING if self.when == "eligible" else logging.INFO  # asked for explicitly: warn
+        _LOG.log(level, "fedsim: run.vectorize: clients train one by one, because %s", self._reason)
+        self.fallbacks[self._reason] += num_train
+
     def run(self, items: list[tuple[Message, Context]]) -> list[RecordDict | None]:
         """Reply contents for ``items`` (``None`` = not handled here: use the per-message path)."""
         out: list[RecordDict | None] = [None] * len(items)
+        num_train = sum(m.metadata.message_type.startswith("train") for m, _ in items)
         if not items or self.reason() is not None:
+            if self._logged:
+                self.fallbacks[self._reason] += num_train  # type: ignore[index]
+            self._log_reason_once(num_train)
             return out
         runtime = self.runtime
         clients: list[tuple[int, _Client]] = []
         decoded: dict[int, dict[str, torch.Tensor] | None] = {}
         for i, (msg, ctx) in enumerate(items):
-            if msg.metadata.message_type != "train":
+            kind = msg.metadata.message_type
+            if kind != "train":
+                if kind.startswith("train"):  # another training task (e.g. a gradient query)
+                    self.fallbacks[f"message type '{kind}' is not the plain fit task"] += 1
                 continue
             call = ClientCall(runtime, msg, ctx)
             if not self._plugins_checked:  # once: the plugin stack the per-message path would build
@@ -184,26 +229,32 @@ class BatchedFit:
                 if len(stack):
                     self._reason = f"the client loop gets plugins {[p.name for p in stack.plugins]}"
             if self._reason is not None:
+                self._log_reason_once(num_train)
                 return out
-            if not message_eligible(call):
-                continue
-            arrays = msg.content.array_records["arrays"]
-            if id(arrays) not in decoded:
-                decoded[id(arrays)] = self._params_of(arrays)
-            init = decoded[id(arrays)]
-            if init is None:
-                continue
-            try:
-                x, y = call.data()
-            except Exception:  # noqa: BLE001 - the per-message path reports it as this client's error
+            why = message_reason(call)
+            if why is None:
+                arrays = msg.content.array_records["arrays"]
+                if id(arrays) not in decoded:
+                    decoded[id(arrays)] = self._params_of(arrays)
+                init = decoded[id(arrays)]
+                why = "the received arrays do not match the model's parameters" if init is None else None
+            if why is None:
+                try:
+                    x, y = call.data()
+                except Exception:  # noqa: BLE001 - the per-message path reports it as this client's error
+                    why = "the client's data could not be loaded"
+            if why is not None:
+                self.fallbacks[why] += 1
                 continue
             clients.append((i, _Client(call, x, y, init, self._num_steps(int(x.shape[0])))))
         if not clients:
             return out
         shape = tuple(clients[0][1].x.shape[1:])
-        clients = [(i, c) for i, c in clients
-                   if tuple(c.x.shape[1:]) == shape and c.y.dim() == 1 and c.y.shape[0] == c.x.shape[0]
-                   and c.x.dtype == clients[0][1].x.dtype]
+        fits = [tuple(c.x.shape[1:]) == shape and c.y.dim() == 1 and c.y.shape[0] == c.x.shape[0]
+                and c.x.dtype == clients[0][1].x.dtype for _, c in clients]
+        if not all(fits):
+            self.fallbacks["the client's samples differ in shape or type from the others'"] += fits.count(False)
+        clients = [ic for ic, ok in zip(clients, fits) if ok]
         # longest first: at step t the clients still training are a prefix of the chunk
         clients.sort(key=lambda ic: -ic[1].steps)
         for chunk in self._chunks(clients):
@@ -214,6 +265,7 @@ class BatchedFit:
                     warnings.warn(f"vectorised fit failed ({type(exc).__name__}: {exc}); "
                                   "these clients run one by one", RuntimeWarning, stacklevel=2)
                     self._warned = True
+                self.fallbacks[f"the vectorised call failed ({type(exc).__name__})"] += len(chunk)
                 continue
             self.calls += 1
             self.clients += len(chunk)
@@ -296,12 +348,12 @@ class BatchedFit:
         x_all = torch.cat([cl.x for cl in clients])
         y_all = torch.cat([cl.y for cl in clients])
         idx, real = self._orders(clients)
+        seen = real.sum((0, 1)).tolist()  # real samples per client over all its steps
         idx, real = idx.to(device), real.to(device)
         steps = torch.tensor([cl.steps for cl in clients])
         active = [int((steps > t).sum()) for t in range(idx.shape[0])]  # a prefix (sorted by steps)
         loss_sum = torch.zeros(num, device=device)
         correct = torch.zeros(num, device=device, dtype=torch.long)
-        seen = [0] * num
 
         def client_loss(p: tuple[torch.Tensor, ...], x, y, m, cnt):
             out = torch.func.functional_call(model, dict(zip(names, p)), (x,))
@@ -337,8 +389,6 @@ class BatchedFit:
                 with torch.no_grad():
                     loss_sum[:k] += loss.detach() * cf
                     correct[:k] += ((out.argmax(-1) == yb.t()) & mask.t()).sum(1)
-                for j, c in enumerate(cnt.tolist()):
-                    seen[j] += int(c)
         finally:
             model.train(was_training)
         cpu = [p.detach().cpu() for p in params]
@@ -353,4 +403,11 @@ class BatchedFit:
         return replies
 
 
-__all__ = ["BatchedFit", "cost_reason", "message_eligible", "model_reason", "scenario_reason"]
+def batcher_for(scenario: Scenario) -> BatchedFit | None:
+    """The local engine's batcher for ``run.vectorize`` (``None`` for ``false``)."""
+    when = WHEN_FOR_SETTING.get(scenario.run.vectorize)
+    return None if when is None else BatchedFit(scenario, when=when)
+
+
+__all__ = ["BatchedFit", "WHEN_FOR_SETTING", "batcher_for", "cost_reason", "message_eligible",
+           "message_reason", "model_reason", "scenario_reason"]

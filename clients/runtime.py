@@ -22,6 +22,10 @@ from fedsim.rng import derive_seed
 from fedsim.wire import to_numpy
 
 
+#: bytes of client tensors a process keeps resident (every client of the small built-in federations)
+DATA_CACHE_BYTES = 256 * 2**20
+
+
 @dataclass
 class ClientRuntime:
     scenario: Scenario
@@ -31,13 +35,19 @@ class ClientRuntime:
     num_classes: int
     _data: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _extra: dict[str, object] = field(default_factory=dict)
+    _data_bytes: int = 0
 
     @property
     def federation(self) -> Federation:
         return federation_of(self.scenario)
 
     def client_data(self, partition_id: int, data_path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """This client's training tensors, on the device, cached per process."""
+        """This client's training tensors, on the device, cached per process.
+
+        The cache holds at most ``DATA_CACHE_BYTES`` (the oldest clients are dropped first and
+        rebuilt from the federation, identically, when sampled again), so a run over 10⁵ clients
+        does not end up holding a tensor copy of every client's data.
+        """
         if partition_id not in self._data:
             if data_path:
                 x, y = load_local_npz(data_path)
@@ -48,12 +58,15 @@ class ClientRuntime:
                         f"partition-id {partition_id} is outside 0..{len(fed.client_indices) - 1}",
                         "set data.num_clients to the number of nodes, or fix the node's partition-id",
                     )
-                idx = fed.client_indices[partition_id]
-                x, y = fed.dataset.x_train[idx], fed.dataset.y_train[idx]
+                x, y = fed.client_data(partition_id)
             self._data[partition_id] = (
                 torch.tensor(np.asarray(x), dtype=torch.float32, device=self.device),
                 torch.tensor(np.asarray(y), dtype=torch.long, device=self.device),
             )
+            self._data_bytes += sum(t.nbytes for t in self._data[partition_id])
+            while self._data_bytes > DATA_CACHE_BYTES and len(self._data) > 1:  # forget the oldest clients
+                oldest = next(iter(self._data))
+                self._data_bytes -= sum(t.nbytes for t in self._data.pop(oldest))
         return self._data[partition_id]
 
     def decoded(self, arrays) -> dict[str, torch.Tensor]:

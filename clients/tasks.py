@@ -27,6 +27,7 @@ from fedsim.config import Scenario
 from fedsim.errors import ConfigError
 from fedsim.registry import Registry
 from fedsim.rng import torch_generator
+from fedsim.sign_codec import CODEC_RECORD, MARKER_PREFIX, encode_arrays
 from fedsim.wire import from_numpy, state_to_arrays, to_numpy
 
 TaskFn = Callable[["ClientCall"], RecordDict]
@@ -34,6 +35,8 @@ CLIENT_TASKS: Registry = Registry("client task")
 
 #: train-config key listing the client plugins to run, comma-separated (sent by the strategy)
 PLUGINS_KEY = "plugins"
+#: ``context.state`` record naming the plugins that have already met this client (``Event.INIT`` fired)
+INITIALISED_KEY = "plugins.initialised"
 
 
 class ClientCall:
@@ -69,6 +72,14 @@ class ClientCall:
     def rng(self, purpose: str) -> torch.Generator:
         return torch_generator(self.scenario.run.seed, purpose, self.round, self.partition_id)
 
+    def progress_span(self) -> float:
+        """The share of the federated run one round spans (1 / run.rounds)."""
+        return 1.0 / max(self.scenario.run.rounds, 1)
+
+    def progress(self) -> float:
+        """Where the federated run stands when this round starts (0..1)."""
+        return min(max(self.round - 1, 0) * self.progress_span(), 1.0)
+
     def plugin_names(self) -> list[str]:
         """The plugins the server asked for (scenario plugins, the strategy's, DP-SGD's)."""
         raw = self.config.get(PLUGINS_KEY)
@@ -81,9 +92,12 @@ class ClientCall:
         """The plugin stack of this round, each plugin's state restored from ``context.state``."""
         stack = build_plugins(self.plugin_names(), lambda n: dp_sgd_settings(self.scenario) if n == "dp_sgd"
                               else self.scenario.client.plugin_settings(n))
+        met = self.context.state.config_records.get(INITIALISED_KEY)
+        known = set(str(met.get("names", "")).split(",")) if met is not None else set()
+        stack.first_visit = {p.name for p in stack.plugins if p.name not in known}
         for p in stack.plugins:
             saved = self.context.state.config_records.get(f"plugin.{p.name}")
-            arrays = self.context.state.array_records.get(f"plugin.{p.name}")
+            arrays = self.context.state.array_records.get(f"plugin.{p.name}.arrays")
             if saved is not None or arrays is not None:
                 d: dict[str, Any] = dict(saved or {})
                 d.update({k: v.numpy() for k, v in (arrays or {}).items()})
@@ -91,6 +105,13 @@ class ClientCall:
         return stack
 
     def save_plugins(self, stack: PluginStack) -> None:
+        """Persist every plugin's state and which plugins have met this client (INIT fired)."""
+        if not stack.plugins:
+            return
+        met = self.context.state.config_records.get(INITIALISED_KEY)
+        known = {n for n in str(met.get("names", "")).split(",") if n} if met is not None else set()
+        known |= {p.name for p in stack.plugins}
+        self.context.state[INITIALISED_KEY] = ConfigRecord({"names": ",".join(sorted(known))})
         for p in stack.plugins:
             state = to_numpy_state(p.state_dict())
             arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
@@ -98,7 +119,8 @@ class ClientCall:
             if scalars:
                 self.context.state[f"plugin.{p.name}"] = ConfigRecord(scalars)
             if arrays:
-                self.context.state[f"plugin.{p.name}"] = ArrayRecord({k: from_numpy(v) for k, v in arrays.items()})
+                self.context.state[f"plugin.{p.name}.arrays"] = ArrayRecord(
+                    {k: from_numpy(v) for k, v in arrays.items()})
 
     def reply_metrics(self, **values: float | int) -> MetricRecord:
         out: dict[str, float | int] = {"partition-id": self.partition_id}
@@ -141,11 +163,10 @@ def fit(call: ClientCall) -> RecordDict:
     model = call.load_global()
     x, y = call.data()
     stack = call.plugins()
-    rounds = max(call.scenario.run.rounds, 1)
     res: TrainResult = train_local(
         model, x, y, call.scenario.client, stack, round=call.round, client_id=call.partition_id,
         seed=call.scenario.run.seed, rng=call.rng("train"), config=call.config,
-        progress=(call.round - 1) / rounds,
+        progress=call.progress(), progress_span=call.progress_span(), probe_rng=call.rng("probe"),
     )
     call.save_plugins(stack)
     return fit_reply(call, call.attack_weights(state_to_arrays(model)), y, res.num_examples, res.steps, res.metrics)
@@ -153,10 +174,14 @@ def fit(call: ClientCall) -> RecordDict:
 
 def fit_reply(call: ClientCall, arrays: ArrayRecord, y: torch.Tensor, num_examples: int, steps: int,
               metrics: dict[str, float]) -> RecordDict:
-    """The reply of a plain local round (shared by ``fit`` and the vectorised local path)."""
+    """The reply of a plain local round (shared by ``fit`` and the vectorised local path). Arrays that a
+    plugin marked with a ``codec.sign1:<key>`` metric travel as 1-bit packed signs (``fedsim.sign_codec``)."""
+    packed = [k[len(MARKER_PREFIX):] for k in metrics if k.startswith(MARKER_PREFIX)]
+    metrics = {k: v for k, v in metrics.items() if not k.startswith(MARKER_PREFIX)}
+    arrays, codec = encode_arrays(arrays, packed) if packed else (arrays, None)
     record = call.reply_metrics(**{"num-examples": num_examples, "steps": steps,
                                    "sim-time": call.simulated_time(steps)}, **metrics)
     if call.scenario.privacy.mechanism != "none" and call.scenario.privacy.release_counters:
         # for the server's DP label-histogram counter only (never written to the logs)
         record["label-counts"] = [int(c) for c in torch.bincount(y, minlength=call.runtime.num_classes).tolist()]
-    return RecordDict({"arrays": arrays, "metrics": record})
+    return RecordDict({"arrays": arrays, "metrics": record, **({CODEC_RECORD: codec} if codec is not None else {})})

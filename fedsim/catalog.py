@@ -4,7 +4,10 @@ The schema (``fedsim.config``) only validates values; the entry points (the CLI,
 Flower app objects) call :func:`resolve` once before anything runs, so a typo in a strategy,
 plugin, dataset, partitioner or model name — or an invalid strategy/plugin option — fails with a
 typed error naming the key. :func:`load_all` is the one place that imports every built-in strategy,
-plugin, client task, dataset, partitioner and model module (their import registers them).
+plugin, client task, dataset, partitioner and model module (their import registers them), then the
+extensions installed as Python entry points (groups ``fedsim.strategies``, ``fedsim.plugins``,
+``fedsim.models``, ``fedsim.datasets``, ``fedsim.partitioners``; see :mod:`fedsim.registry`, which also
+resolves ``module:object`` names).
 """
 
 from __future__ import annotations
@@ -34,19 +37,45 @@ def load_all() -> None:
 
     for mod in pkgutil.iter_modules(strategies_pkg.__path__):
         importlib.import_module(f"fedsim.strategies.{mod.name}")
+    from fedsim.strategies.base import STRATEGIES
+
+    STRATEGIES.adopt = adopt_strategy  # `module:object` and `flwr:Name` strategies (fedsim.registry)
     _LOADED = True
+    for registry in registries().values():  # extensions installed as Python entry points (fedsim.<kind>s)
+        registry.load_entry_points()
+
+
+def adopt_strategy(name: str, obj: Any) -> Any:
+    """The strategy class a ``module:object`` (or entry point) ``name`` stands for: a
+    :class:`~fedsim.strategies.base.FedSimStrategy` subclass as it is, a Flower
+    ``flwr.serverapp.strategy.Strategy`` subclass run through :mod:`fedsim.strategies.flwr_adapter`;
+    ``TypeError`` saying why for anything else."""
+    from flwr.serverapp.strategy import Strategy
+
+    from fedsim.strategies.base import FedSimStrategy
+    from fedsim.strategies.flwr_adapter import flower_strategy_class
+
+    if isinstance(obj, type) and issubclass(obj, FedSimStrategy):
+        if not obj.name:
+            raise TypeError(f"{obj.__qualname__} needs a non-empty class attribute 'name'")
+        return obj
+    if isinstance(obj, type) and issubclass(obj, Strategy):
+        return flower_strategy_class(obj, name)
+    raise TypeError("a strategy is a subclass of fedsim.strategies.base.FedSimStrategy or of Flower's "
+                    "flwr.serverapp.strategy.Strategy")
 
 
 def registries() -> dict[str, Any]:
-    """Every registry, complete: strategies, plugins, partitioners, datasets, models."""
+    """Every registry, complete: strategies, plugins, gradient transforms, partitioners, datasets, models."""
     load_all()
     from fedsim.clients.plugin_api import PLUGINS
+    from fedsim.clients.transforms import TRANSFORMS
     from fedsim.data.datasets import DATASETS
     from fedsim.data.partitioners import PARTITIONERS
     from fedsim.models import MODELS
     from fedsim.strategies.base import STRATEGIES
 
-    return {"strategies": STRATEGIES, "plugins": PLUGINS, "partitioners": PARTITIONERS,
+    return {"strategies": STRATEGIES, "plugins": PLUGINS, "transforms": TRANSFORMS, "partitioners": PARTITIONERS,
             "datasets": DATASETS, "models": MODELS}
 
 
@@ -67,12 +96,15 @@ def resolve(scenario: Scenario) -> Scenario:
     reg["models"].get(scenario.model.name, key="model.name")
     check_privacy(scenario, strat)
     check_attack(scenario, strat)
-    build_plugins(scenario.client.plugins, scenario.client.plugin_settings)
+    # the whole stack a client will build (the scenario's, the strategy's, DP-SGD): conflicts such as two
+    # sampler or step owners fail here, before the run, naming both plugins
+    from fedsim.clients.tasks import dp_sgd_settings
+
+    stack = build_plugins(strat.plugin_names(scenario), lambda n: dp_sgd_settings(scenario) if n == "dp_sgd"
+                          else scenario.client.plugin_settings(n))
+    for plugin in stack.plugins:  # what a plugin cannot honour with this scenario (e.g. no BatchNorm to ghost)
+        plugin.preflight(scenario)
     return scenario
-
-
-#: ``[privacy]`` keys that only a private mechanism uses (set with ``mechanism = "none"``: refused)
-_PRIVATE_ONLY = ("noise_multiplier", "max_epsilon")
 
 
 def check_privacy(scenario: Scenario, strategy_cls: Any) -> None:
@@ -91,11 +123,7 @@ def check_privacy(scenario: Scenario, strategy_cls: Any) -> None:
         raise ConfigError("client.plugins", "the dp_sgd plugin is enabled without privacy.mechanism = \"dp-sgd\", "
                           "so nothing would account for it", "set [privacy] mechanism = \"dp-sgd\" instead of "
                           "listing the plugin")
-    if p.mechanism == "none":
-        stray = [k for k in _PRIVATE_ONLY if getattr(p, k) != type(p).model_fields[k].default]
-        if stray:
-            raise ConfigError(f"privacy.{stray[0]}", "is set but privacy.mechanism = \"none\": nothing would add "
-                              "noise or check a budget", "choose a privacy.mechanism or remove the key")
+    if p.mechanism == "none":  # any other [privacy] setting is refused by the schema (fedsim.config_hints)
         return
     if p.mechanism == "dp-sgd":
         if strategy_cls.train_action != "train":
@@ -116,6 +144,9 @@ def check_privacy(scenario: Scenario, strategy_cls: Any) -> None:
     if p.mechanism in ("dp-fedavg", "dp-ftrl") and scenario.strategy.name not in ("dp_fedavg", "dp_ftrl"):
         raise ConfigError("strategy.name", f"privacy.mechanism = \"{p.mechanism}\" is a server strategy",
                           f"set strategy.name = \"{p.mechanism.replace('-', '_')}\"")
+    from fedsim.privacy.calibration import apply_target_epsilon
+
+    apply_target_epsilon(scenario, strategy_cls)  # privacy.target_epsilon sets privacy.noise_multiplier, in place
     if p.max_epsilon and p.noise_multiplier == 0:
         raise ConfigError("privacy.noise_multiplier", "a budget was set but the noise multiplier is 0 (ε = ∞)",
                           "set privacy.noise_multiplier > 0")

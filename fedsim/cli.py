@@ -1,7 +1,10 @@
-"""``fedsim`` command line: run, resume, list, plot, partition, deploy, privacy.
+"""``fedsim`` command line: run, resume, list, plot, partition, deploy, sweep, compare, privacy; ``--version``.
 
 User errors (:class:`~fedsim.errors.FedSimError`) print one line and a hint on stderr and exit with
 the error's code; no traceback. ``--format json`` prints machine-readable output on stdout.
+``run`` and ``resume`` report progress on stderr (:mod:`fedsim.progress`: a bar on a terminal, one
+line per round otherwise, nothing with ``--quiet``). Only what a command uses is imported, inside
+it, so ``fedsim --help`` and ``fedsim list`` start fast (``tests/test_imports.py``).
 A run stopped by SIGINT or SIGTERM prints one line (``interrupted: …``, with the ``fedsim resume``
 command when the run can be continued) and exits with 130; its ``summary.json`` says ``interrupted``.
 """
@@ -22,22 +25,56 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedsim.cli_options import Format, Quiet, keep_argument_help
 from fedsim.errors import FedSimError, RunInterrupted
+from fedsim.progress import RunProgress
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
                   help="fedsim: federated and privacy-preserving learning simulator (Flower + PyTorch).")
 err_console = Console(stderr=True)
 console = Console()
+keep_argument_help()
 
-Format = Annotated[str, typer.Option("--format", help="text or json")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out (else refused)")]
 
 
+def _version(value: bool) -> None:
+    """``--version``: fedsim's version and those of the Flower and PyTorch it runs on (read from the
+    installed packages' metadata, so nothing heavy is imported)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from fedsim import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    print(f"fedsim {__version__} (flwr {installed('flwr')}, torch {installed('torch')}, "
+          f"Python {sys.version.split()[0]})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                 help="print the versions of fedsim, flwr and torch and exit")] = None,
+) -> None:
+    """fedsim: federated and privacy-preserving learning simulator (Flower + PyTorch)."""
+
+
 def _quiet_flower() -> None:
+    """Telemetry and update checks off; Flower's and Ray's loggers at WARNING (the progress is ours).
+    Importing Flower's logger sets it to DEBUG, so the level is lowered after that import."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def _load(scenario: str, sets: list[str] | None, **direct: Any):
@@ -60,27 +97,33 @@ def run(
     seed: Annotated[int | None, typer.Option(help="root seed")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>-<time>-s<seed>)")] = None,
     overwrite: Overwrite = False,
+    quiet: Quiet = False,
     fmt: Format = "text",
 ) -> None:
     """Simulate a federation described by SCENARIO."""
+    progress = RunProgress.for_stderr(quiet)
+    shown = str(scenario).encode("unicode_escape").decode("ascii")  # one line, whatever the name holds
+    progress.status(f"loading {shown} (Flower, PyTorch, the registries)...")
     _quiet_flower()
     scen = _load(scenario, set_, **{"run.engine": engine, "run.seed": seed})
     out_dir = _out_dir(scen, out, overwrite)
-    show = fmt == "text" and scen.run.progress and sys.stderr.isatty()
     with _interruptible(scen, out_dir):
-        summary = _execute(scen, out_dir, show)
+        summary = _execute(scen, out_dir, progress)
     _report(summary, fmt)
 
 
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `fedsim run` (local engine)")],
+    quiet: Quiet = False,
     fmt: Format = "text",
 ) -> None:
     """Continue the run in RUN_DIR from its latest checkpoint up to the run.rounds of its config.toml.
 
     Model, strategy state, privacy ledger and every client's state come back from the checkpoint;
     lines written after it are dropped and redone, so the result is the uninterrupted run's."""
+    progress = RunProgress.for_stderr(quiet)
+    progress.status(f"loading {run_dir / 'config.toml'} and its latest checkpoint...")
     _quiet_flower()
     from fedsim.errors import ConfigError
     from fedsim.results import resume_point
@@ -92,9 +135,8 @@ def resume(
         raise ConfigError("run.engine", f"resume continues runs of the local engine only; {run_dir} ran on "
                           f"'{scen.run.engine}'", "start the run again with `fedsim run`")
     resume_point(run_dir, scen)  # refuse a missing, corrupted or mismatched checkpoint before anything runs
-    show = fmt == "text" and scen.run.progress and sys.stderr.isatty()
     with _interruptible(scen, run_dir):
-        summary = _execute(scen, run_dir, show, resume=True)
+        summary = _execute(scen, run_dir, progress, resume=True)
     _report(summary, fmt)
 
 
@@ -155,20 +197,21 @@ def _interrupted(err: KeyboardInterrupt, scen, out_dir: Path) -> RunInterrupted:
                           f"holds everything up to then; {how}")
 
 
-def _execute(scen, out_dir: Path, show_progress: bool, resume: bool = False) -> dict[str, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    engine = scen.run.engine
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=err_console, disable=not show_progress, transient=False)
-    with progress:
-        task = progress.add_task(f"{scen.run.name} [{engine}]", total=scen.run.rounds, acc="")
-
-        def on_round(rnd: int, row: dict[str, Any]) -> None:
-            acc = row.get("test_accuracy")
-            progress.update(task, completed=rnd, acc=f"acc {acc:.3f}" if isinstance(acc, float) else "")
-
+def _execute(scen, out_dir: Path, progress: RunProgress, resume: bool = False) -> dict[str, Any]:
+    """Run ``scen`` on its engine, reporting on ``progress`` (off when ``run.progress = false``)."""
+    if not scen.run.progress:
+        progress.disable()
+    engine, d = scen.run.engine, scen.data
+    what = (f"the federation ({d.dataset}, {d.num_clients} clients, {d.partitioner} partition) and the model "
+            f"({scen.model.name}), evaluating round 0")
+    if engine == "local":
+        progress.status(f"building {what}...")
+    elif engine == "ray":
+        progress.status(f"starting Ray, building {what}...")
+    else:
+        progress.status(f"starting a SuperLink and {scen.deploy.nodes} SuperNodes on 127.0.0.1 (this engine "
+                        "reports its rounds when the run ends)...")
+    with progress.rounds(f"{scen.run.name} [{engine}]", scen.run.rounds) as on_round:
         if engine == "local":
             from fedsim.engines.local import run_local
 
@@ -282,6 +325,15 @@ def _register_privacy() -> None:
 
 
 _register_privacy()
+
+
+def _register_experiments() -> None:
+    from fedsim.experiments_cli import register
+
+    register(app)  # fedsim sweep, fedsim compare
+
+
+_register_experiments()
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedsim.config_hints import privacy_setting_without_effect, to_config_error, unknown_key_hint
 from fedsim.errors import ConfigError
 
 
@@ -49,11 +50,13 @@ class RunConfig(_Section):
     device: Annotated[str, AfterValidator(check_device)] = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     output: str = "runs"
     threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads per client process")
-    vectorize: bool = Field(
-        False, description="local engine: train a round's plain-fit clients together (torch.vmap "
-        "over stacked parameters; clients with plugins, faults, Adam, BatchNorm/Dropout, and conv "
-        "models on CPU stay per client); equal to the per-client path up to float32 rounding, not bit "
-        "for bit, hence off by default")
+    vectorize: Literal["auto"] | bool = Field(
+        "auto", description="local engine: train a round's plain-fit clients together (torch.vmap over "
+        "stacked parameters). auto: wherever the plugin set and model allow it and it is faster (conv "
+        "models stay per client on CPU); true: every eligible client, convolutions included; false: "
+        "always client by client. Clients with plugins, faults, Adam, DP-SGD or BatchNorm/Dropout run "
+        "per client (reason in summary.json). Deterministic for a scenario and seed; equal to the "
+        "per-client path up to float32 rounding, not bit for bit")
     eval_every: int = Field(1, ge=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in one round (local "
                                  "engine: a client call that took longer is recorded as timeout, its reply dropped)")
@@ -63,7 +66,13 @@ class RunConfig(_Section):
     on_failed_round: Literal["stop", "continue"] = Field(
         "stop", description="a round with no valid reply (or below quorum) leaves the model unchanged: stop "
         "the run there with FailedRoundError (exit code 10), or continue and count it in summary.json")
+    require_all_partitions: bool = Field(
+        False, description="refuse, before round 1, a federation in which some of the data.num_clients "
+        "partitions have no node (by default such partitions are a warning and never train)")
     progress: bool = True
+    log: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="tracking sinks fed every round's metrics and ε (fedsim/sinks.py); "
+        "a sink whose package is missing is refused when the run starts, before it writes anything")
 
 
 #: most clients a scenario may simulate (every engine holds one Flower ``Context`` per client)
@@ -89,6 +98,8 @@ class DataConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     server_labelled: int = Field(0, ge=0, description="labelled samples held by the server")
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of training labels flipped to "
+                               "another class (seeded; the test split stays clean)")
 
     @model_validator(mode="after")
     def _finite_tables(self) -> "DataConfig":
@@ -105,6 +116,8 @@ class ModelConfig(_Section):
     channels: list[int] = Field(default_factory=lambda: [16, 32])
     norm: Literal["none", "batch", "group"] = "none"
     groups: int = Field(4, ge=1)
+    group_size: int = Field(0, ge=0, description="cnn: input channels per group of every convolution after "
+                            "the first (grouped convolutions of constant group size; 0 = dense)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("hidden", "channels")
@@ -133,13 +146,12 @@ class ClientConfig(BaseModel):
     def _plugin_tables(self) -> "ClientConfig":
         extra = self.model_extra or {}
         for key, value in extra.items():
+            if not isinstance(value, dict):  # a setting, not a plugin's table: e.g. client.rounds (run.rounds)
+                raise ConfigError(f"client.{key}", "unknown key (only an enabled plugin's table may be added to "
+                                  "[client])", unknown_key_hint(Scenario, "client", key))
             if key not in self.plugins:
-                raise ValueError(
-                    f"unknown key 'client.{key}'; plugin settings are allowed only for enabled "
-                    f"plugins {self.plugins}; add '{key}' to client.plugins or remove the table"
-                )
-            if not isinstance(value, dict):
-                raise ValueError(f"'client.{key}' must be a table of plugin settings")
+                raise ConfigError(f"client.{key}", f"plugin settings are allowed only for enabled plugins "
+                                  f"{self.plugins}", f"add '{key}' to client.plugins or remove the table")
             _no_nan_or_inf(f"client.{key}", value)
         return self
 
@@ -180,6 +192,8 @@ class PrivacyConfig(_Section):
 
     mechanism: Literal["none", "dp-sgd", "dp-fedavg", "dp-ftrl"] = "none"
     noise_multiplier: float = Field(0.0, ge=0.0)
+    target_epsilon: float = Field(0.0, ge=0.0, description="calibrate noise_multiplier so that the run's total "
+                                  "ε(δ) stays ≤ this (0 = off; not with noise_multiplier)")
     clip_norm: float = Field(1.0, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_epsilon: float = Field(0.0, ge=0.0, description="budget; 0 = no budget check")
@@ -206,6 +220,12 @@ class PrivacyConfig(_Section):
                 raise ConfigError(f"privacy.{key}", f"{sigma} is outside 0 or [{MIN_NOISE}, {MAX_NOISE:g}], where "
                                   "the privacy accountants' arithmetic is sound",
                                   f"set privacy.{key} = 0 (off) or a value in [{MIN_NOISE}, {MAX_NOISE:g}]")
+        if (unused := privacy_setting_without_effect(self)) is not None:
+            raise ConfigError(*unused)
+        if self.max_epsilon and self.target_epsilon > self.max_epsilon:
+            raise ConfigError("privacy.target_epsilon", f"{self.target_epsilon:g} is above the budget "
+                              f"privacy.max_epsilon = {self.max_epsilon:g}, so the run would be stopped before its "
+                              "end", "lower privacy.target_epsilon to at most privacy.max_epsilon")
         return self
 
 
@@ -304,33 +324,6 @@ def check_min_train_clients(scenario: Scenario) -> Scenario:
 
 
 # --------------------------------------------------------------------------------------------
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = Scenario
-    for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None or not isinstance(field.annotation, type):
-            return []
-        model = field.annotation
-    return sorted(getattr(model, "model_fields", {}))
-
-
-def _to_config_error(err: ValidationError) -> ConfigError:
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc) or "scenario"
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc)
-        return ConfigError(key, "unknown key", f"allowed keys here: {', '.join(allowed)}")
-    msg = first["msg"].removeprefix("Value error, ")
-    got = first.get("input")
-    if first["type"] not in ("value_error", "missing") and not isinstance(got, dict):
-        shown = _shown(repr(got))
-        msg = f"{msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
-    more = len(err.errors()) - 1
-    return ConfigError(key, msg, f"fix this key in the scenario or with --set {key}=VALUE"
-                       + (f"; {more} more problem(s) after this one" if more else ""))
-
-
 def parse_value(text: str) -> Any:
     """Parse an override value as a TOML value (``3``, ``0.1``, ``true``, ``[1, 2]``, ``"x"``)."""
     try:
@@ -369,7 +362,7 @@ def scenario_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) 
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as err:
-        raise _to_config_error(err) from None
+        raise to_config_error(err, Scenario) from None
     return scenario
 
 

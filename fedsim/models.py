@@ -26,7 +26,8 @@ MAX_PARAMETERS = 2**27
 #: the scenario key that sets a model's size, per registered model (for the error above the cap)
 _SIZE_KEY = {"mlp": "model.hidden", "cnn": "model.channels"}
 #: the ``[model]`` keys each built-in model reads; a model registered elsewhere is not checked
-MODEL_KEYS = {"logreg": (), "mlp": ("hidden", "dropout"), "cnn": ("channels", "norm", "groups", "dropout")}
+MODEL_KEYS = {"logreg": (), "mlp": ("hidden", "dropout"),
+              "cnn": ("channels", "norm", "groups", "group_size", "dropout")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,14 +71,18 @@ def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.
     """Small CNN: ``conv3x3 → norm → ReLU → maxpool`` per entry of ``cfg.channels``, then a linear head.
 
     ``cfg.norm = "group"`` gives GroupNorm, which DP-SGD (Opacus) accepts; BatchNorm it does not.
+    ``cfg.group_size = g > 0`` makes every convolution after the first a grouped convolution whose groups
+    all have ``g`` input channels (``c_in / g`` groups; Krizhevsky et al. 2012, ResNeXt: Xie et al., CVPR 2017,
+    which keeps the group width constant); the first convolution, on the image channels, stays dense.
     """
     if len(input_shape) != 3:
         raise ConfigError("model.name", f"cnn needs image inputs (C, H, W), got shape {input_shape}",
                           "use model.name='mlp' for flat features")
     c, h, w = input_shape
     layers: list[nn.Module] = []
-    for out in cfg.channels:
-        layers += [nn.Conv2d(c, out, 3, padding=1), _norm(cfg.norm, out, cfg.groups), nn.ReLU()]
+    for i, out in enumerate(cfg.channels):
+        groups = c // cfg.group_size if cfg.group_size and i else 1
+        layers += [nn.Conv2d(c, out, 3, padding=1, groups=groups), _norm(cfg.norm, out, cfg.groups), nn.ReLU()]
         if min(h, w) >= 4:
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
@@ -101,7 +106,7 @@ def check_model_keys(cfg: ModelConfig) -> None:
     if used is None:
         return
     used = tuple(k for k in used if k != "groups" or cfg.norm == "group")
-    for key in ("channels", "norm", "groups", "dropout"):
+    for key in ("channels", "norm", "groups", "group_size", "dropout"):
         default = type(cfg).model_fields[key].get_default(call_default_factory=True)
         if key not in used and getattr(cfg, key) != default:
             raise ConfigError(f"model.{key}", f"is set but model '{cfg.name}' (norm '{cfg.norm}') does not use it, "
@@ -109,6 +114,23 @@ def check_model_keys(cfg: ModelConfig) -> None:
     if "groups" in used and (bad := [c for c in cfg.channels if c % cfg.groups]):
         raise ConfigError("model.groups", f"GroupNorm's {cfg.groups} groups do not divide the channels {bad}",
                           "choose model.groups dividing every entry of model.channels")
+    if cfg.name == "cnn" and cfg.group_size:
+        _check_group_size(cfg.channels, cfg.group_size)
+
+
+def _check_group_size(channels: list[int], size: int) -> None:
+    """Grouped convolutions need ``size | c_in`` and ``c_in/size | c_out`` for every layer after the first."""
+    if len(channels) < 2:
+        raise ConfigError("model.group_size", f"only convolutions after the first are grouped, and "
+                          f"model.channels = {channels} has no second one, so it would have no effect",
+                          "add a convolution (e.g. model.channels = [16, 32]) or set model.group_size = 0")
+    for c_in, c_out in zip(channels, channels[1:]):
+        if c_in % size or c_out % (c_in // size):
+            raise ConfigError("model.group_size", f"a convolution {c_in} -> {c_out} channels cannot be cut into "
+                              f"groups of {size} input channels ({c_in} must be a multiple of {size}, and {c_out} "
+                              f"of the {c_in // size if c_in >= size else 0} groups)",
+                              "choose model.group_size dividing every entry of model.channels but the last, "
+                              "with each next entry a multiple of the group count")
 
 
 def count_parameters(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> int:

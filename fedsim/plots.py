@@ -1,16 +1,60 @@
-"""Plots of a run directory, drawn from its saved files (so ``fedsim plot RUN_DIR`` can redraw them)."""
+"""Plots of a run directory, drawn from its saved files (so ``fedsim plot RUN_DIR`` can redraw them).
+
+Every figure is a Matplotlib ``Figure`` on the Agg canvas (headless, no global backend change); the
+``draw_*`` functions return it so tests can read its axes. Run plots are titled with the scenario's
+``run.name`` and ``strategy.name`` (from ``config.toml``) and have integer round ticks. The ε plot
+draws one curve per mechanism, each in its own colour, line style and marker (mechanisms with the
+very same ε every round, such as the two released counters, share one curve named after both), the
+total, and the budget ``privacy.max_epsilon`` (and ``privacy.target_epsilon``) as horizontal lines.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import json
+import math
+import statistics
+import tomllib
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+from fedsim.plots_diagnostics import diagnostics_figures
+from fedsim.results import read_jsonl
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+#: a reported ε at or above this is ε = ∞ (the ledger writes 1e300 for an unbounded ε)
+INFINITE_EPSILON = 1e100
+_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P")]
+#: participation groups: label, clients.jsonl statuses, and whether a dropout (faults.dropout) is meant
+PARTICIPATION = (("replied", ("ok",)), ("sat out / straggler", ("sat-out", "straggler")),
+                 ("dropped out", ("error",)), ("failed (crash, error, timeout, invalid)", ("error", "timeout",
+                                                                                           "invalid")))
 
-from fedsim.results import read_jsonl  # noqa: E402
+
+def _figure(width: float = 5.4, height: float = 3.4) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _round_axis(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
+def run_title(config: dict[str, Any]) -> str:
+    """``<run.name> · <strategy.name>`` from a run's ``config.toml`` (as a dict)."""
+    return f"{config.get('run', {}).get('name', 'run')} · {config.get('strategy', {}).get('name', '?')}"
+
+
+def is_dropout(record: dict[str, Any]) -> bool:
+    """A clients.jsonl record of a client that left the round by the fault model (``faults.dropout``:
+    ``fedsim.faults.ClientDropout``), not a crash or an error."""
+    reason = str(record.get("reason") or "")
+    return record.get("status") == "error" and ("ClientDropout" in reason or "dropped out of round" in reason)
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -18,97 +62,164 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Draw accuracy, loss and participation per round into ``RUN_DIR/plots``; return the files."""
-    run = Path(run_dir)
-    rows = read_jsonl(run / "metrics.jsonl")
-    clients = read_jsonl(run / "clients.jsonl")
-    out = run / "plots"
-    out.mkdir(exist_ok=True)
-    files = []
-    for key, label, fname in (("test_accuracy", "test accuracy", "accuracy.png"),
-                              ("test_loss", "test loss", "loss.png")):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(*_series(rows, key), marker="o", ms=3, label=label)
-        if key == "test_loss":
-            ax.plot(*_series(rows, "train_loss"), marker=".", ms=3, label="train loss (clients)")
-        ax.set_xlabel("round")
-        ax.set_ylabel(label.replace("test loss", "loss"))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(out / fname)
-    groups = (("replied", {"ok"}), ("sat out / straggler", {"sat-out", "straggler"}),
-              ("failed", {"error", "timeout", "invalid"}))
-    counts = {label: Counter(c["round"] for c in clients if c.get("status") in kinds and c.get("client") is not None)
-              for label, kinds in groups}
+def draw_metric(rows: list[dict], key: str, label: str, title: str) -> Any:
+    """``key`` per round (with the clients' train loss beside the test loss)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(*_series(rows, key), marker="o", ms=3, label=label)
+    if key == "test_loss":
+        ax.plot(*_series(rows, "train_loss"), marker=".", ms=3, ls="--", label="train loss (clients)")
+    _round_axis(ax)
+    ax.set_ylabel(label.replace("test loss", "loss"))
+    ax.set_title(f"{title}: {label}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def draw_participation(clients: list[dict], title: str) -> Any:
+    """Clients per round that replied, sat out, dropped out (``faults.dropout``) or failed."""
+    counts: dict[str, dict[int, int]] = {label: {} for label, _ in PARTICIPATION}
+    for c in clients:
+        if c.get("client") is None:
+            continue
+        dropped = is_dropout(c)
+        for label, statuses in PARTICIPATION:
+            if c.get("status") in statuses and (label == "dropped out") == dropped:
+                counts[label][c["round"]] = counts[label].get(c["round"], 0) + 1
+                break
     rounds = sorted(set().union(*counts.values()))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = _figure()
+    ax = fig.add_subplot()
     bottom = [0] * len(rounds)
-    for label, _ in groups:
-        vals = [counts[label][r] for r in rounds]
+    for label, _ in PARTICIPATION:
+        vals = [counts[label].get(r, 0) for r in rounds]
         if any(vals):
             ax.bar(rounds, vals, bottom=bottom, label=label)
             bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("clients")
-    ax.set_ylim(0, max(bottom + [1]) * 1.3)
-    ax.legend(loc="upper right", fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out / "participation.png", dpi=110)
-    plt.close(fig)
-    files.append(out / "participation.png")
+    ax.set_ylim(0, max(bottom + [1]) * 1.35)
+    ax.set_title(f"{title}: participation")
+    if rounds:
+        ax.legend(loc="upper right", fontsize=7, ncol=2)
+    return fig
+
+
+def draw_epsilon(privacy: list[dict], title: str, budget: float = 0.0, target: float = 0.0) -> Any:
+    """ε(δ) per round: one curve per mechanism (identical ones merged), the total, the budget line."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for mech in dict.fromkeys(p.get("mechanism", "total") for p in privacy):
+        pts = [(p["round"], min(p["epsilon"], INFINITE_EPSILON)) for p in privacy if p.get("mechanism") == mech]
+        series[mech] = ([a for a, _ in pts], [b for _, b in pts])
+    merged: dict[tuple, list[str]] = {}
+    for mech, (xs, ys) in series.items():
+        merged.setdefault((tuple(xs), tuple(ys)), []).append(mech)
+    fig = _figure()
+    ax = fig.add_subplot()
+    for k, ((xs, ys), names) in enumerate(sorted(merged.items(), key=lambda kv: "total" in kv[1])):
+        label = " = ".join("dp-sgd (worst client)" if n == "dp-sgd" else n for n in names)
+        if "total" in names:
+            ax.plot(xs, ys, color="black", lw=2, marker="o", ms=3, label=label, zorder=3)
+        else:
+            ls, marker = _STYLES[k % len(_STYLES)]
+            ax.plot(xs, ys, ls=ls, marker=marker, ms=4, label=label)
+    if budget:
+        ax.axhline(budget, color="red", ls="--", lw=1, label=f"budget ε = {budget:g} (privacy.max_epsilon)")
+    if target:
+        ax.axhline(target, color="green", ls=":", lw=1, label=f"target ε = {target:g} (privacy.target_epsilon)")
+    _round_axis(ax)
+    delta = next((p.get("delta") for p in privacy if p.get("delta")), None)
+    ax.set_ylabel(f"ε (δ = {delta:g})" if delta else "ε")
+    ax.set_title(f"{title}: privacy spent")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _read_config(run: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads((run / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Draw accuracy, loss, participation (and ε for a private run) into ``RUN_DIR/plots``; return the files."""
+    run = Path(run_dir)
+    config = _read_config(run)
+    title = run_title(config)
+    rows = read_jsonl(run / "metrics.jsonl")
+    out = run / "plots"
+    out.mkdir(exist_ok=True)
+    figures = {"accuracy.png": draw_metric(rows, "test_accuracy", "test accuracy", title),
+               "loss.png": draw_metric(rows, "test_loss", "test loss", title),
+               "participation.png": draw_participation(read_jsonl(run / "clients.jsonl"), title)}
     priv = read_jsonl(run / "privacy.jsonl")
     if priv:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for mech in sorted({p.get("mechanism", "total") for p in priv}):
-            pts = [(p["round"], p["epsilon"]) for p in priv if p.get("mechanism", "total") == mech]
-            label = "dp-sgd (worst client)" if mech == "dp-sgd" else mech
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=label)
-        ax.set_xlabel("round")
-        ax.set_ylabel("ε")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "epsilon.png", dpi=110)
-        plt.close(fig)
-        files.append(out / "epsilon.png")
-    return files
+        p = config.get("privacy", {})
+        figures["epsilon.png"] = draw_epsilon(priv, title, float(p.get("max_epsilon", 0.0)),
+                                              float(p.get("target_epsilon", 0.0)))
+    figures.update(diagnostics_figures(read_jsonl(run / "clients.jsonl"), title))  # probe plugins' metrics
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110)
+    return [out / name for name in figures]
+
+
+def _utility_point(run: Path) -> tuple[str, float, float, float] | None:
+    """``(mechanism, noise multiplier, final total ε, final test accuracy)`` of a run, or ``None``."""
+    summary = json.loads((run / "summary.json").read_text())
+    acc = summary.get("final", {}).get("test_accuracy")
+    if acc is None:
+        return None
+    priv = read_jsonl(run / "privacy.jsonl")
+    totals = [p["epsilon"] for p in priv if p.get("mechanism") == "total"]
+    privacy = _read_config(run).get("privacy", {})
+    mech = privacy.get("mechanism", "none")
+    eps = totals[-1] if totals else math.inf
+    return mech, float(privacy.get("noise_multiplier", 0.0)), math.inf if eps >= INFINITE_EPSILON else eps, acc
+
+
+def draw_privacy_utility(run_dirs: list[str | Path]) -> Any:
+    """Final accuracy against final total ε: every run as a small dot; per mechanism and noise multiplier
+    the mean accuracy (error bar: ±1 std over seeds) at the runs' mean ε (error bar: their ε range), so
+    a mean marker always sits among its runs; runs with ε = ∞ (non-private or no noise) as a dashed
+    horizontal line at their mean accuracy (its legend entry is that line)."""
+    groups: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    for d in run_dirs:
+        point = _utility_point(Path(d))
+        if point is not None:
+            mech, z, eps, acc = point
+            groups.setdefault(mech, {}).setdefault(z, []).append((eps, acc))
+    fig = _figure(5.6, 3.6)
+    ax = fig.add_subplot()
+    for k, (mech, by_noise) in enumerate(sorted(groups.items())):
+        finite = {z: xy for z, xy in sorted(by_noise.items()) if all(math.isfinite(e) for e, _ in xy)}
+        infinite = [a for xy in by_noise.values() for e, a in xy if not math.isfinite(e)]
+        colour = f"C{k}"
+        if finite:
+            xs = [statistics.mean(e for e, _ in xy) for xy in finite.values()]
+            ys = [statistics.mean(a for _, a in xy) for xy in finite.values()]
+            xerr = [[x - min(e for e, _ in xy) for x, xy in zip(xs, finite.values())],
+                    [max(e for e, _ in xy) - x for x, xy in zip(xs, finite.values())]]
+            yerr = [statistics.stdev([a for _, a in xy]) if len(xy) > 1 else 0.0 for xy in finite.values()]
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=colour, label=mech)
+            ax.scatter([e for xy in finite.values() for e, _ in xy], [a for xy in finite.values() for _, a in xy],
+                       s=8, alpha=0.4, color=colour)
+        if infinite:
+            name = "non-private" if mech == "none" else f"{mech}, no noise"
+            ax.axhline(statistics.mean(infinite), color=colour, ls="--", lw=1,
+                       label=f"{name} (ε = ∞, {len(infinite)} run{'s' if len(infinite) > 1 else ''})")
+    ax.set_xlabel("ε (total, at the run's δ)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title(f"accuracy against privacy ({sum(len(v) for g in groups.values() for v in g.values())} runs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def plot_privacy_utility(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Final test accuracy against final total ε, one point per run, one series per mechanism."""
-    import json
-
-    pts: dict[str, list[tuple[float, float]]] = {}
-    for d in run_dirs:
-        run = Path(d)
-        summary = json.loads((run / "summary.json").read_text())
-        priv = read_jsonl(run / "privacy.jsonl")
-        totals = [p for p in priv if p.get("mechanism") == "total"]
-        mech = next((p["mechanism"] for p in priv if p.get("mechanism") not in ("total",)
-                     and not str(p.get("mechanism")).startswith("counter")), "none")
-        eps = totals[-1]["epsilon"] if totals else float("inf")
-        acc = summary.get("final", {}).get("test_accuracy")
-        if acc is not None:
-            pts.setdefault(mech, []).append((eps, acc))
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for mech, xy in sorted(pts.items()):
-        groups: dict[float, list[float]] = {}
-        for x, y in xy:  # runs that differ only by seed share ε (up to participation): average them
-            groups.setdefault(round(x, 1), []).append(y)
-        xs = sorted(groups)
-        means = [sum(groups[x]) / len(groups[x]) for x in xs]
-        errs = [(max(groups[x]) - min(groups[x])) / 2 for x in xs]
-        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=mech)
-        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=8, alpha=0.4, color=ax.lines[-1].get_color())
-    ax.set_xlabel("ε (total, at the run's δ)")
-    ax.set_ylabel("final test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    """Save :func:`draw_privacy_utility` of ``run_dirs`` to ``out``."""
     out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    draw_privacy_utility(run_dirs).savefig(out, dpi=110)
     return out

@@ -43,6 +43,7 @@ import numpy as np
 
 from fedsim.config import Scenario, dumps_scenario
 from fedsim.errors import CheckpointError, RunDirectoryError
+from fedsim.sinks import Sinks
 
 #: files that mark a directory as holding a run
 RUN_FILES = ("config.toml", "metrics.jsonl", "clients.jsonl", "privacy.jsonl", "metrics.csv", "summary.json")
@@ -172,6 +173,7 @@ class RunRecorder:
         self.fingerprint = scenario_fingerprint(scenario)
         self.started = time.time()
         self.rows: list[dict[str, Any]] = []
+        self.sinks = Sinks(self.dir, scenario, 0 if resume_round is None else resume_round + 1)  # run.log
         if resume_round is not None:
             self._truncate(resume_round)
             return
@@ -240,6 +242,7 @@ class RunRecorder:
         self.rows.append(_jsonable(row))
         self._append("metrics.jsonl", [row])
         self._write_csv()
+        self.sinks.log(int(row["round"]), self.rows[-1])
 
     def written_rows(self) -> list[dict[str, Any]]:
         """The complete lines of ``metrics.jsonl``: what the run really finished, even when an
@@ -283,6 +286,7 @@ class RunRecorder:
         """Write ``summary.json`` (with wall time and run directory) and return it."""
         summary = {**summary, "wall_time_s": round(time.time() - self.started, 3), "run_dir": str(self.dir)}
         atomic_write(self.dir / "summary.json", json.dumps(_jsonable(summary), indent=2, sort_keys=True))
+        self.sinks.close(str(summary.get("status")))
         return summary
 
 

@@ -8,6 +8,8 @@ per-client records (including failures), checkpoints, and a summary written even
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import time
 from collections import Counter
@@ -22,19 +24,24 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.catalog import resolve
 from fedsim.clients.trainer import evaluate
-from fedsim.config import Scenario, loads_scenario
+from fedsim.config import Scenario
 from fedsim.data.federation import federation_of
-from fedsim.errors import CheckpointError, ConfigError, FailedRoundError, FedSimError
+from fedsim.errors import (CheckpointError, ConfigError, FailedRoundError, FedSimError, QuorumError,
+                           RunDirectoryError)
 from fedsim.models import build_model, resolve_device
 from fedsim.privacy.ledger import build_ledger
 from fedsim.privacy.mechanisms import RoundOutcome
-from fedsim.results import RunRecorder, create_run_dir, resume_point
+from fedsim.results import RunRecorder, create_run_dir, prepare_out_dir, resume_point
 from fedsim.rng import derive_seed
 from fedsim.strategies.base import FedSimStrategy, make_strategy
+from fedsim.strategies.wire_bytes import MeteredGrid, client_fields, round_fields
 from fedsim.wire import from_numpy, state_to_arrays
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 _STOP = threading.Event()
+#: warnings of a run (partitions no node holds, ...): Flower's logger, so `flwr run --stream`,
+#: `flwr log` and fedsim's CLI all show them
+_LOG = logging.getLogger("flwr")
 
 
 class ServerRuntime:
@@ -49,6 +56,7 @@ class ServerRuntime:
                                  derive_seed(scenario.run.seed, "model-init")).to(self.device)
         self.x_test = torch.tensor(np.asarray(ds.x_test), dtype=torch.float32, device=self.device)
         self.y_test = torch.tensor(np.asarray(ds.y_test), dtype=torch.long, device=self.device)
+        self.eval_hooks = plugin_eval_hooks(scenario)
 
     def initial_arrays(self) -> ArrayRecord:
         return state_to_arrays(self.model)
@@ -58,8 +66,28 @@ class ServerRuntime:
         return self.model
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
-        m = evaluate(self.load(arrays), self.x_test, self.y_test)
-        return {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
+        model = self.load(arrays)
+        m = evaluate(model, self.x_test, self.y_test)
+        out = {"test_loss": m["loss"], "test_accuracy": m["accuracy"]}
+        for hook in self.eval_hooks:  # enabled plugins' evaluations of the global model (robust accuracy)
+            out.update(hook(model, self.x_test, self.y_test))
+        return out
+
+
+def plugin_eval_hooks(scenario: Scenario) -> list[Callable[..., dict[str, float]]]:
+    """The server-side evaluations of the scenario's client plugins: each plugin class with a
+    ``evaluate_global(settings, model, x_test, y_test, seed) -> metrics`` classmethod adds its metrics
+    to every central evaluation (e.g. ``adversarial/test_robust_accuracy``)."""
+    import fedsim.clients.plugins  # noqa: F401  (fills the plugin registry)
+    from fedsim.clients.plugin_api import PLUGINS, make_settings
+
+    hooks = []
+    for name in scenario.client.plugins:
+        cls = PLUGINS.get(name, key="client.plugins")
+        if getattr(cls, "evaluate_global", None) is not None:
+            settings = make_settings(cls, scenario.client.plugin_settings(name))
+            hooks.append(functools.partial(cls.evaluate_global, settings, seed=scenario.run.seed))
+    return hooks
 
 
 def request_stop() -> None:
@@ -73,14 +101,19 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
     """Run the scenario's rounds on ``grid`` and write the run directory. Returns the summary.
 
     ``summary.json`` always says how the run ended: ``completed``; ``stopped: <Error>`` for a typed
-    error (a failed round under ``run.on_failed_round = "stop"``, a privacy budget…); ``interrupted``
-    (SIGINT/SIGTERM, :func:`request_stop`); ``failed: <Type>`` for anything else — the exception is
-    re-raised in every case but ``completed``. With ``resume=True`` the run continues in ``out_dir``
+    error (a failed round under ``run.on_failed_round = "stop"``, a privacy budget, a federation
+    refused before round 1…); ``failed: every round failed`` when, under ``"continue"``, no round got
+    a valid reply (:class:`FailedRoundError`); ``interrupted`` (SIGINT/SIGTERM, :func:`request_stop`);
+    ``failed: <Type>`` for anything else — the exception is re-raised in every case but ``completed``.
+    Before round 1 the federation is checked (:func:`check_partitions`): partitions no node holds are
+    a warning (``summary.json``: ``partitions_never_trained``), or a refusal with
+    ``run.require_all_partitions``. With ``resume=True`` the run continues in ``out_dir``
     after its latest checkpoint (model, strategy, privacy ledger and every node's ``context.state``;
     the grid must offer ``restore_state``, as the local engine's does).
     """
     _STOP.clear()
     strategy = make_strategy(scenario)
+    grid = MeteredGrid(grid)  # bytes on the wire per node and round (fedsim.strategies.wire_bytes)
     server = ServerRuntime(scenario)
     strategy.attach_server(server)
     privacy = build_ledger(scenario, strategy.privacy_mechanisms(), server.federation)
@@ -96,7 +129,13 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
         row = {"round": 0, **server.evaluate(arrays)}
         rec.log_round(row)
     status, error, error_type = "completed", None, None
+    never_trained: list[int] = []
     try:
+        try:
+            never_trained = check_partitions(grid, strategy, scenario, settle=0.0 if engine == "local" else 3.0)
+        finally:
+            rec.log_clients([f.to_json() for f in strategy.failures])  # nodes refused before round 1
+            strategy.failures = []
         if on_round:
             on_round(start, row)
         for rnd in range(start + 1, rounds + 1):
@@ -127,7 +166,9 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
                                         if f.partition_id is not None and f.kind not in ("sat-out", "straggler"))
             if failure:
                 row["round-failed"] = 1
-            rec.log_clients(_client_records(rnd, strategy))
+            wire = grid.meter.take()  # this round's messages (and any node discovery since the last round)
+            row.update(round_fields(wire))
+            rec.log_clients(_client_records(rnd, strategy, wire))
             if privacy is not None:
                 records = privacy.after_round(rnd, _outcome(strategy))
                 rec.log_privacy(records)
@@ -139,6 +180,12 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
                 on_round(rnd, row)
             if failure and scenario.run.on_failed_round == "stop":
                 raise FailedRoundError(failure, FAILED_ROUND_HINT)
+        _raise_if_every_round_failed(rec.written_rows())
+    except FailedRoundError as err:
+        every = getattr(err, "every_round", False)
+        status, error, error_type = ("failed: every round failed" if every else "stopped: FailedRoundError",
+                                     err, "FailedRoundError")
+        raise
     except FedSimError as err:
         status, error, error_type = f"stopped: {type(err).__name__}", err, type(err).__name__
         raise
@@ -156,7 +203,13 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
                    "final": {k: v for k, v in last.items()},
                    "failed_rounds": [r["round"] for r in written if r.get("round-failed")],
                    "on_failed_round": scenario.run.on_failed_round, "resumed_from": start if resume else None,
+                   "partitions_never_trained": never_trained,
+                   "privacy": None if scenario.privacy.mechanism == "none" else {  # σ as run (target: calibrated)
+                       "mechanism": scenario.privacy.mechanism, "noise_multiplier": scenario.privacy.noise_multiplier,
+                       "target_epsilon": scenario.privacy.target_epsilon or None},
                    "error": str(error) if error else None, "error_type": error_type}
+        if callable(getattr(grid, "vectorized", None)):  # the local engine: did the batched path train?
+            summary["vectorized"] = grid.vectorized()
         summary = rec.finish(summary)
         if rec.rows:
             from fedsim.plots import plot_run  # matplotlib: imported only when a run has rows to draw
@@ -168,6 +221,88 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
 FAILED_ROUND_HINT = ("clients.jsonl has each client's reason; lower run.quorum, raise run.round_timeout if clients "
                      "timed out, or set run.on_failed_round = \"continue\" to go on (failed rounds are then "
                      "counted in summary.json)")
+
+
+def _raise_if_every_round_failed(rows: list[dict[str, Any]]) -> None:
+    """Under ``run.on_failed_round = "continue"``: a run whose every round failed trained nothing and
+    must not end ``completed`` (its final model is the initial one)."""
+    ran = [r for r in rows if int(r.get("round", 0)) >= 1]
+    if ran and all(r.get("round-failed") for r in ran):
+        err = FailedRoundError(f"every one of the {len(ran)} rounds failed (no valid reply, or below run.quorum): "
+                               "nothing was trained, the final model is the initial one",
+                               "clients.jsonl has each client's reason; fix what makes them fail, lower "
+                               "run.quorum, or raise run.round_timeout if clients timed out")
+        err.every_round = True  # type: ignore[attr-defined]  (the summary's status says so)
+        raise err
+
+
+def _ranges(ids: list[int]) -> str:
+    """``[2, 3, 4, 7]`` → ``"2-4, 7"``."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def wait_for_nodes(grid: Grid, want: int, timeout: float, settle: float = 3.0) -> list[int]:
+    """The grid's node ids once ``want`` nodes are there, or once their number has not changed for
+    ``settle`` seconds (Flower registers simulated nodes shortly after the ServerApp starts), at most
+    ``timeout`` seconds. Refuses (:class:`QuorumError`) a grid with no node at all by then."""
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while True:
+        ids = list(grid.get_node_ids())
+        now = time.monotonic()
+        if len(ids) >= want:
+            return ids
+        if len(ids) != count:
+            count, since = len(ids), now
+        elif ids and now - since >= settle:  # settle = 0: the in-process grid has every node at once
+            return ids
+        if now > deadline:
+            if not ids:
+                raise QuorumError(f"no node joined the federation within run.round_timeout = {timeout:.0f} s",
+                                  "start the SuperNodes (or use a simulation federation), or raise "
+                                  "run.round_timeout")
+            return ids
+        time.sleep(0.2)
+
+
+def check_partitions(grid: Grid, strategy: FedSimStrategy, scenario: Scenario, settle: float = 3.0) -> list[int]:
+    """Before round 1: which of the scenario's ``data.num_clients`` partitions no node holds.
+
+    Waits for the nodes (:func:`wait_for_nodes`), maps them to partitions (``strategy.discover``),
+    and returns the partitions that will never train (empty when every partition has a node). Such
+    partitions are a warning on Flower's logger; with ``run.require_all_partitions = true``, or when no
+    node holds any partition or fewer than a round needs, the federation is refused with
+    :class:`QuorumError` before anything trains (a federation of 2 nodes, Flower's default, for a
+    scenario of 10 clients trains on 2 of them at best).
+    """
+    n = scenario.data.num_clients
+    nodes = wait_for_nodes(grid, n, scenario.run.round_timeout, settle)
+    strategy.server_round = 0  # refusals recorded now are round 0's: before any round trains
+    strategy.discover(grid)
+    held = sorted(set(strategy.directory.values()))
+    held_set = set(held)  # built once: a set per partition made this quadratic (770 s at 10⁵ clients)
+    missing = [p for p in range(n) if p not in held_set]
+    if not missing:
+        return []
+    refused = list(strategy.refused_nodes.values())
+    what = (f"the federation has {len(nodes)} node(s) and {len(held)} of the scenario's {n} partitions "
+            f"(data.num_clients) have a node; partitions {_ranges(missing)} will never train"
+            + (f"; {len(refused)} node(s) refused, e.g. {refused[0]}" if refused else ""))
+    fix = (f"run on a federation of {n} nodes (flwr run: --federation-config \"num-supernodes={n}\", or the "
+           f"pyproject's local-simulation federation), or set data.num_clients = {len(nodes)}")
+    need = min(strategy.min_train_clients, strategy.sample_size())
+    if not held or len(held) < need:
+        raise QuorumError(f"{what}; a round needs {need} (strategy.min_train_clients), so none could run", fix)
+    if scenario.run.require_all_partitions:
+        raise QuorumError(f"{what}; run.require_all_partitions = true refuses such a federation", fix)
+    _LOG.warning("fedsim: %s (set run.require_all_partitions = true to refuse such a run; fix: %s)", what, fix)
+    return missing
 
 
 def _round_failure(rnd: int, strategy: FedSimStrategy) -> str | None:
@@ -235,33 +370,57 @@ def _outcome(strategy: FedSimStrategy) -> RoundOutcome:
                         metrics={u.partition_id: dict(u.metrics) for u in strategy.last_updates})
 
 
-def _client_records(rnd: int, strategy: FedSimStrategy) -> list[dict[str, Any]]:
+def _client_records(rnd: int, strategy: FedSimStrategy, wire: dict[int, tuple[int, int]] | None = None
+                    ) -> list[dict[str, Any]]:
     out = []
     for u in strategy.last_updates:
         private = ("partition-id", "num-examples", "label-counts")  # label counts are released only via DP
         out.append({"round": rnd, "client": u.partition_id, "node_id": u.node_id, "status": "ok",
-                    "num_examples": u.num_examples, **{k: v for k, v in u.metrics.items() if k not in private}})
-    out += [f.to_json() for f in strategy.failures]
+                    "num_examples": u.num_examples, **{k: v for k, v in u.metrics.items() if k not in private},
+                    **client_fields(wire or {}, u.node_id)})
+    out += [{**f.to_json(), **(client_fields(wire or {}, f.node_id) if f.partition_id is not None else {})}
+            for f in strategy.failures]
     return sorted(out, key=lambda r: (r["client"] is None, r["client"] if r["client"] is not None else 0))
 
 
 def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | None = None,
                      engine: str | None = None, on_round: RoundCallback | None = None,
                      result: dict[str, Any] | None = None, resume: bool = False) -> ServerApp:
-    """The ServerApp. With ``scenario=None`` it reads the scenario TOML and the output directory
-    from the run config (``scenario``, ``out-dir``), as under ``flwr run``."""
+    """The ServerApp. With ``scenario=None`` it reads the scenario, its overrides and the output
+    directory from the run config (``scenario``, ``overrides``, ``out-dir``: :mod:`fedsim.app_config`),
+    as under ``flwr run``; a key it cannot use stops the run before round 1 with a
+    :class:`~fedsim.errors.ConfigError` naming ``run-config.<key>``, logged on one line first."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        scen = scenario if scenario is not None else resolve(loads_scenario(str(context.run_config["scenario"])))
-        out = out_dir or str(context.run_config.get("out-dir") or "") or default_run_dir(scen)
-        summary = run_federation(grid, scen, out, engine=engine or scen.run.engine, on_round=on_round,
-                                 resume=resume)
+        from fedsim.app_config import out_dir_from_run_config, scenario_from_run_config
+
+        try:
+            scen = scenario if scenario is not None else resolve(scenario_from_run_config(context.run_config))
+            given = out_dir_from_run_config(context.run_config) if out_dir is None else ""
+            # a run-config out-dir is an explicit --out: new or empty, never a directory holding files
+            out = out_dir or (_prepare_run_config_out(given) if given else default_run_dir(scen))
+        except FedSimError as err:
+            _LOG.error("fedsim: %s: %s", type(err).__name__, err)
+            raise
+        name = engine or (scen.run.engine if scenario is not None or scen.run.engine == "deploy" else "flwr-run")
+        _LOG.info("fedsim: scenario '%s', %d rounds, run directory %s", scen.run.name, scen.run.rounds,
+                  Path(out).resolve())
+        summary = run_federation(grid, scen, out, engine=name, on_round=on_round, resume=resume)
+        _LOG.info("fedsim: %s; summary in %s", summary.get("status"), Path(summary["run_dir"]) / "summary.json")
         if result is not None:
             result.update(summary)
 
     return app
+
+
+def _prepare_run_config_out(path: str) -> Path:
+    try:
+        return prepare_out_dir(path)
+    except RunDirectoryError as err:
+        raise RunDirectoryError(err.message.replace("--out", "run-config out-dir", 1),
+                                "pass a new or empty directory: --run-config 'out-dir=\"runs/new\"'") from None
 
 
 def default_run_dir(scenario: Scenario) -> Path:

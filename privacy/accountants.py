@@ -22,11 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld as dp_pld
-from dp_accounting import rdp as dp_rdp
-from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 
 from fedsim.errors import ConfigError
 from fedsim.privacy.analysis import poisson_gaussian_rdp, quiet_absl, zcdp_to_epsilon
@@ -196,6 +192,9 @@ class RdpAccountant(Accountant):
     def _event_rdp(event: Event, orders: tuple[float, ...]) -> np.ndarray:
         if isinstance(event, PoissonGaussianEvent):
             return poisson_gaussian_rdp(event.sample_rate, event.noise_multiplier, orders)
+        import dp_accounting  # about a second to import: only where it is used
+        from dp_accounting import rdp as dp_rdp
+
         relation = (dp_accounting.NeighboringRelation.REPLACE_ONE
                     if isinstance(event, FixedSizeGaussianEvent) and event.sample_rate < 1
                     else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
@@ -205,6 +204,8 @@ class RdpAccountant(Accountant):
 
     def rdp_curve(self, ledger: list[tuple[Event, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(orders, total RDP at each order) of ``ledger`` (default: this accountant's)."""
+        from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+
         orders = tuple(self.orders or DEFAULT_RDP_ORDERS)
         total = np.zeros(len(orders))
         for event, count in self._ledger if ledger is None else ledger:
@@ -212,6 +213,8 @@ class RdpAccountant(Accountant):
         return np.array(orders), total
 
     def _epsilon_from_ledger(self, ledger: list[tuple[Event, int]], delta: float) -> float:
+        from dp_accounting import rdp as dp_rdp
+
         orders, total = self.rdp_curve(ledger)
         return float(dp_rdp.compute_epsilon(orders, total, delta)[0])
 
@@ -250,6 +253,8 @@ class PldAccountant(Accountant):
                                   "use accountant='rdp' or 'zcdp' for generic ρ-zCDP releases")
 
     def _epsilon_from_ledger(self, ledger: list[tuple[Event, int]], delta: float) -> float:
+        from dp_accounting import pld as dp_pld
+
         acc = dp_pld.PLDAccountant(value_discretization_interval=self.value_discretization_interval)
         for event, count in ledger:
             if isinstance(event, ZCDPEvent):

@@ -18,10 +18,7 @@ import logging
 import math
 from collections.abc import Iterator
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp as dp_rdp
-from scipy import integrate, optimize
 
 from fedsim.errors import ConfigError
 from fedsim.privacy.events import PoissonGaussianEvent, to_dp_event
@@ -81,6 +78,8 @@ def zcdp_to_epsilon(rho: float, delta: float) -> float:
     if math.isinf(rho):
         return math.inf
     # Search x = ln(α − 1); the Bun–Steinke optimum α = 1 + sqrt(ln(1/δ)/ρ) is a good centre.
+    from scipy import optimize
+
     centre = 0.5 * math.log(math.log(1.0 / delta) / rho)
     res = optimize.minimize_scalar(lambda x: _cks_objective(1.0 + math.exp(x), rho, delta),
                                    bounds=(centre - 12.0, centre + 12.0), method="bounded",
@@ -95,6 +94,8 @@ def gaussian_epsilon_exact(mu: float, delta: float) -> float:
     """
     if mu <= 0:
         return 0.0
+    import dp_accounting
+
     return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))
 
 
@@ -107,6 +108,8 @@ def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     all but e^(−60) of the mass. Each order is scaled by its maximum (found on a grid) before
     ``scipy.integrate.quad_vec`` integrates all orders at once.
     """
+    from scipy import integrate
+
     s2 = sigma * sigma
     log_q, log_1mq = math.log(q), math.log1p(-q)
     alphas = np.asarray(alphas, dtype=np.float64)
@@ -161,6 +164,8 @@ def poisson_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders: tu
     exact = ~frac | (sample_rate in (0.0, 1.0)) | (noise_multiplier < 0.1)
     rdp = np.zeros(len(alphas))
     if exact.any():
+        from dp_accounting import rdp as dp_rdp
+
         acc = dp_rdp.RdpAccountant(orders=list(alphas[exact]))
         with quiet_absl():
             acc.compose(to_dp_event(PoissonGaussianEvent(noise_multiplier, sample_rate)))

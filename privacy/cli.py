@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedsim.cli_options import Format
+
 privacy_app = typer.Typer(no_args_is_help=True, help="Privacy accounting, counters and noise calibration.")
 console = Console()
 
@@ -28,7 +30,7 @@ def epsilon(
     accountant: Annotated[str, typer.Option(help="rdp | pld")] = "rdp",
     sampling: Annotated[str, typer.Option(help="poisson | without-replacement")] = "poisson",
     population: Annotated[int | None, typer.Option(help="n for sampling without replacement")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    fmt: Format = "text",
 ) -> None:
     """ε(δ) of the (Poisson-)subsampled Gaussian mechanism after STEPS steps."""
     from fedsim.privacy.commands import epsilon as eps
@@ -45,7 +47,7 @@ def counter(
     rho: Annotated[float, typer.Option(help="ρ of ρ-zCDP for the whole stream")],
     trials: Annotated[int, typer.Option(help="Monte Carlo trials")] = 2000,
     seed: Annotated[int, typer.Option(help="seed of the trials")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    fmt: Format = "text",
 ) -> None:
     """Per-step noise variance of a continual-release counter: measured vs theory."""
     from fedsim.privacy.commands import counter_variance
@@ -64,7 +66,7 @@ def calibrate(
     steps: Annotated[int, typer.Option(help="number of steps")] = 1,
     accountant: Annotated[str, typer.Option(help="rdp | pld")] = "rdp",
     sampling: Annotated[str, typer.Option(help="poisson | without-replacement")] = "poisson",
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    fmt: Format = "text",
 ) -> None:
     """The smallest noise multiplier whose ε(δ) does not exceed the target (never overshoots)."""
     from fedsim.privacy.commands import calibrate as cal
@@ -92,7 +94,7 @@ def audit(
     trials: Annotated[int, typer.Option(help="runs of the mechanism in all, half of them with the canary")] = 4000,
     confidence: Annotated[float, typer.Option(help="confidence of the lower bound (Clopper–Pearson)")] = 0.95,
     seed: Annotated[int | None, typer.Option(help="root seed (run.seed)")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    fmt: Format = "text",
 ) -> None:
     """Empirical lower bound on ε from canaries run through the scenario's real DP code, beside the claimed ε.
 

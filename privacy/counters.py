@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
-from scipy import signal
 
 from fedsim.errors import ConfigError
 from fedsim.registry import Registry
@@ -348,6 +347,8 @@ class SqrtFactorizationCounter(ContinualCounter):
         if n * n * flat.shape[1] <= 5e7:  # small: exact triangular matmul; else FFT convolution
             noise = sqrt_factor_matrix(n) @ flat
         else:
+            from scipy import signal  # scipy.signal takes about a second to import
+
             noise = signal.fftconvolve(flat, self.coefficients[:n, None], axes=0)[:n]
         sums = np.cumsum(clipped, axis=0)
         self.steps, self._sum = n, sums[-1].copy()

@@ -28,11 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, Union
-
-import dp_accounting
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from fedsim.errors import ConfigError
+
+if TYPE_CHECKING:  # dp_accounting costs about a second to import: only where it is used
+    import dp_accounting
 
 __all__ = [
     "EVENT_TYPES",
@@ -184,6 +185,8 @@ def to_dp_event(event: Event) -> dp_accounting.DpEvent:
     ConfigError
         If ``event`` is not one of the event classes of this module.
     """
+    import dp_accounting
+
     if isinstance(event, GaussianEvent):
         return dp_accounting.GaussianDpEvent(event.noise_multiplier)
     if isinstance(event, PoissonGaussianEvent):

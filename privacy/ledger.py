@@ -51,9 +51,10 @@ def released_counters(scenario, num_classes: int) -> list[CounterMechanism]:
 class PrivacyLedger:
     """The mechanisms of a run, the budget check and ``privacy.jsonl`` records."""
 
-    def __init__(self, mechanisms: list[Mechanism], delta: float, budget: float) -> None:
+    def __init__(self, mechanisms: list[Mechanism], delta: float, budget: float, target: float = 0.0) -> None:
         self.mechanisms = list(mechanisms)
         self.delta, self.budget = float(delta), float(budget)
+        self.target = float(target)  # privacy.target_epsilon the noise was calibrated for (0: none)
 
     def before_round(self, rnd: int) -> None:
         """Refuse round ``rnd`` if, once run, the total ε(δ) could exceed the budget."""
@@ -80,16 +81,18 @@ class PrivacyLedger:
         if records:
             total = sum(r["epsilon"] for r in records)
             records.append({"round": rnd, "mechanism": "total", "epsilon": total, "delta": self.delta,
-                            "budget": self.budget or None})
+                            "budget": self.budget or None, "target_epsilon": self.target or None})
         return records
 
     def round_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """The round's row in ``metrics.jsonl``: the total ε, each mechanism's ε under its own name
-        (``epsilon/dp-sgd`` is the worst client's), and the released counters."""
+        """The round's row in ``metrics.jsonl``: the total ε, each mechanism's ε under its own name, and
+        the released counters. A mechanism that reports its worst client (DP-SGD: one accountant per
+        client) is named so, ``epsilon/dp-sgd/worst_client``, as its ``privacy.jsonl`` line names
+        ``worst_client``; a mean over clients is never reported."""
         out: dict[str, Any] = {}
         for r in records:
             key = "epsilon" if r["mechanism"] == "total" else f"epsilon/{r['mechanism']}"
-            out[key] = r["epsilon"]
+            out[key + ("/worst_client" if "worst_client" in r else "")] = r["epsilon"]
         out.update(self.released())
         return out
 
@@ -117,4 +120,4 @@ def build_ledger(scenario, strategy_mechanisms: list[Mechanism], federation) -> 
         return None
     mechanisms = list(strategy_mechanisms)  # DP-FedAvg / DP-FTRL / the DP-SGD account
     mechanisms += released_counters(scenario, int(federation.num_classes))
-    return PrivacyLedger(mechanisms, p.delta, p.max_epsilon)
+    return PrivacyLedger(mechanisms, p.delta, p.max_epsilon, p.target_epsilon)

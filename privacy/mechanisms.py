@@ -17,6 +17,7 @@ accounted is what was done. The ledger (``fedsim.privacy.ledger``) only composes
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -49,6 +50,16 @@ class Mechanism(ABC):
     @abstractmethod
     def epsilon_next(self, rnd: int, delta: float) -> float:
         """ε(δ) once round ``rnd`` has run (the budget check before the round)."""
+
+    def epsilon_after(self, rounds: int, delta: float) -> float:
+        """ε(δ) once ``rounds`` more rounds have run, every client taking part in each (the plan's worst
+        case; ``privacy.target_epsilon`` is calibrated against it). Mechanisms whose ε does not grow
+        with rounds (the released counters) report :meth:`epsilon`."""
+        return self.epsilon(delta)
+
+    def with_noise_multiplier(self, noise_multiplier: float) -> "Mechanism":
+        """A fresh copy (nothing composed yet) with another noise multiplier and the same plan."""
+        raise NotImplementedError(f"{type(self).__name__} has no noise multiplier to calibrate")
 
     def check_reply(self, pid: int, metrics: dict[str, Any]) -> None:
         """Raise ``ClientUpdateError`` if a reply's mechanism parameters are not the accounted ones."""
@@ -86,11 +97,18 @@ class ClientLevelMechanism(Mechanism):
         return self.accountant.epsilon(delta)
 
     def epsilon_next(self, rnd: int, delta: float) -> float:
-        return self.accountant.epsilon_if(self.event, 1, delta)
+        return self.epsilon_after(1, delta)
+
+    def epsilon_after(self, rounds: int, delta: float) -> float:
+        return self.accountant.epsilon_if(self.event, int(rounds), delta)
+
+    def with_noise_multiplier(self, noise_multiplier: float) -> "ClientLevelMechanism":
+        return ClientLevelMechanism(noise_multiplier, self.sampling, self.rate, self.sample_size, self.population,
+                                    self.accountant.name)
 
     def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
         self.accountant.compose(self.event, 1)
-        return {"sampled": len(outcome.sampled)}
+        return {"sampled": len(outcome.sampled), "noise_multiplier": self.noise_multiplier}
 
     def state_dict(self) -> dict[str, Any]:
         return self.accountant.state_dict()
@@ -119,11 +137,17 @@ class DPFTRLMechanism(Mechanism):
         return zcdp_to_epsilon(self.rho(self.rounds), delta) if self.rounds else 0.0
 
     def epsilon_next(self, rnd: int, delta: float) -> float:
-        return zcdp_to_epsilon(self.rho(self.rounds + 1), delta)
+        return self.epsilon_after(1, delta)
+
+    def epsilon_after(self, rounds: int, delta: float) -> float:
+        return zcdp_to_epsilon(self.rho(self.rounds + int(rounds)), delta) if self.rounds + rounds else 0.0
+
+    def with_noise_multiplier(self, noise_multiplier: float) -> "DPFTRLMechanism":
+        return DPFTRLMechanism(noise_multiplier, self.rounds_per_epoch, self.restart or 0)
 
     def record(self, rnd: int, outcome: RoundOutcome) -> dict[str, Any]:
         self.rounds += 1
-        return {"rho": self.rho(self.rounds)}
+        return {"rho": self.rho(self.rounds), "noise_multiplier": self.noise_multiplier}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds}
@@ -178,8 +202,36 @@ class DPSGDMechanism(Mechanism):
         return max(a.epsilon(delta) for a in self.accountants.values())
 
     def epsilon_next(self, rnd: int, delta: float) -> float:
-        return max(a.epsilon_if(PoissonGaussianEvent(self.z, self.plan[i][0]), self.plan[i][1], delta)
-                   for i, a in self.accountants.items())
+        return self.epsilon_after(1, delta)
+
+    def epsilon_after(self, rounds: int, delta: float) -> float:
+        """The worst client's ε(δ) if every client takes part in ``rounds`` more rounds."""
+        return max(self.clients_after(rounds, delta).values())
+
+    def clients_after(self, rounds: int, delta: float) -> dict[int, float]:
+        """Each client's ε(δ) after ``rounds`` more rounds (clients with the same ledger and plan are
+        computed once)."""
+        seen: dict[tuple, float] = {}
+        out = {}
+        for i, a in self.accountants.items():
+            key = (tuple(a.ledger), self.plan[i])
+            if key not in seen:
+                q, steps = self.plan[i]
+                seen[key] = a.epsilon_if(PoissonGaussianEvent(self.z, q), steps * int(rounds), delta)
+            out[i] = seen[key]
+        return out
+
+    def with_noise_multiplier(self, noise_multiplier: float) -> "DPSGDMechanism":
+        fresh = copy.copy(self)
+        fresh.z = float(noise_multiplier)
+        fresh.accountants = {i: make_accountant(self.kind) for i in self.accountants}
+        return fresh
+
+    def narrowed(self, clients: list[int]) -> "DPSGDMechanism":
+        """A copy that accounts only ``clients`` (a calibration's candidates for the worst client)."""
+        part = copy.copy(self)
+        part.accountants = {i: self.accountants[i] for i in sorted(set(clients))}
+        return part
 
     def client_epsilons(self, delta: float) -> dict[int, float]:
         return {i: a.epsilon(delta) for i, a in self.accountants.items()}
@@ -191,7 +243,7 @@ class DPSGDMechanism(Mechanism):
                 self.accountants[pid].compose(PoissonGaussianEvent(self.z, q), steps)
         eps = self.client_epsilons(self.delta)
         worst = max(eps, key=lambda i: (eps[i], -i))
-        return {"participants": len(outcome.participants), "worst_client": worst,
+        return {"participants": len(outcome.participants), "worst_client": worst, "noise_multiplier": self.z,
                 "clients": {str(i): _finite(e) for i, e in eps.items()}}
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Common base of fedsim strategies: a ``flwr.serverapp.strategy.Strategy`` with the parts every
 algorithm needs and Flower leaves out, as one template (Flower's ``Strategy`` is the anchor).
 
-* Nodes are mapped once to partition ids (``query.whoami``); sampling is seeded and done over
-  partition ids, so results do not depend on random node ids, engine or reply order.
+* Nodes are mapped to partition ids without contacting them where the engine knows the mapping
+  (local and Ray grids expose ``node_partitions``, the node configs' ``partition-id``); only on a
+  real deployment is a node not yet known asked once (``query.whoami``). Sampling is seeded and done
+  over partition ids, so results do not depend on random node ids, engine or reply order.
 * Sampling waits for enough nodes with a deadline (``QuorumError`` after it), never forever.
 * Every reply is validated (keys, shapes, dtypes, finiteness, weights) before aggregation; a bad
   reply, an error reply or a missing reply is recorded as a :class:`FailureRecord` and the round
@@ -54,7 +56,7 @@ from fedsim.rng import numpy_rng
 from fedsim.clients.tasks import PLUGINS_KEY
 from fedsim.strategies.records import (  # noqa: F401  (the records every strategy imports from here)
     ClientUpdate, FailureRecord, NoOptions, ServerStepOptions, require_mechanism, weighted_metrics)
-from fedsim.strategies.replies import expect_array, expect_count
+from fedsim.strategies.replies import decode_sign_reply, expect_array, expect_count
 from fedsim.wire import from_numpy, to_numpy
 
 STRATEGIES: Registry = Registry("strategy")
@@ -102,10 +104,18 @@ class FedSimStrategy(Strategy):
         self.mechanisms: list[Any] = []
         self.server_round: int | None = None  # the round being configured (failure records carry it)
         self.refused_nodes: dict[int, str] = {}  # node id -> why it holds no partition (see discover)
+        self.unanswered: dict[int, str] = {}  # node id -> its last error reply to query.whoami (deployment)
 
     # ------------------------------------------------------------------ node directory / sampling
     def discover(self, grid: Grid) -> None:
-        """Map new nodes to partition ids (one ``query.whoami`` each); one node per partition.
+        """Map new nodes to partition ids; one node per partition.
+
+        A grid that knows its nodes' partitions (``grid.node_partitions``: the local engine's and the
+        Ray engine's, both taken from the node configs the engine assigned) is read as it is, with no
+        message at all; a node it does not list yet is left for a later call. Only a grid without
+        that mapping (a real deployment, where ``partition-id`` is each SuperNode's own node config)
+        gets one ``query.whoami`` per node not yet known or refused; a node that could not answer
+        is asked again on the next call.
 
         The first node to claim a partition keeps it (among new claimants of one call: the earliest
         activated, per the grid's ``NodeInfo.last_activated_at``, then the grid's order). A later
@@ -121,7 +131,7 @@ class FedSimStrategy(Strategy):
         order = [n for n in grid.get_node_ids() if n not in self.directory and n not in refused]
         if not order:
             return
-        known = getattr(grid, "node_partitions", None)  # the local engine knows the mapping
+        known = getattr(grid, "node_partitions", None)  # local and Ray engines: from the node configs
         claims: dict[int, tuple[Any, Any]] = {}  # node -> (partition id, num-partitions) as reported
         if known is not None:
             claims = {n: (known[n], self.num_partitions) for n in order if n in known}
@@ -129,7 +139,10 @@ class FedSimStrategy(Strategy):
             msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.whoami")
                     for n in order]
             for reply in grid.send_and_receive(msgs, timeout=self.timeout):
-                if not reply.has_error() and reply.metadata.src_node_id in order:
+                if reply.has_error() and reply.metadata.src_node_id in order:
+                    self.unanswered[reply.metadata.src_node_id] = str(reply.error.reason)[-200:]
+                elif reply.metadata.src_node_id in order:
+                    self.unanswered.pop(reply.metadata.src_node_id, None)
                     m = reply.content.metric_records.get("metrics") or {}
                     claims[reply.metadata.src_node_id] = (m.get("partition-id"), m.get("num-partitions", 0))
         activated: dict[int, float] = {}
@@ -141,7 +154,8 @@ class FedSimStrategy(Strategy):
                     pass
         rnd = self.server_round
         holder = {pid: node for node, pid in self.directory.items()}
-        for node in sorted(claims, key=lambda n: (n not in activated, activated.get(n, 0.0), order.index(n))):
+        position = {n: i for i, n in enumerate(order)}  # not order.index: quadratic (300 s at 10⁵ nodes)
+        for node in sorted(claims, key=lambda n: (n not in activated, activated.get(n, 0.0), position[n])):
             pid, total = claims[node]
             if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < self.num_partitions
                     and total in (0, self.num_partitions)):
@@ -172,10 +186,16 @@ class FedSimStrategy(Strategy):
             if len(by_pid) >= needed:
                 return by_pid
             if time.monotonic() > deadline:
+                silent = [n for n in self.unanswered if n not in self.directory]
+                why = (f"; {len(silent)} node(s) answered query.whoami with an error (node {silent[0]}: "
+                       f"{self.unanswered[silent[0]]})" if silent else "")
                 raise QuorumError(
                     f"only {len(by_pid)} of the {needed} clients needed were reachable after "
-                    f"{self.timeout:.0f} s",
-                    "start more nodes, lower strategy.min_train_clients, or raise run.round_timeout",
+                    f"{self.timeout:.0f} s{why}",
+                    "start more nodes, lower strategy.min_train_clients, or raise run.round_timeout"
+                    + ("; on a deployment every SuperNode's ClientApp must answer query.whoami with its "
+                       "partition-id (fedsim's ClientApp does; a vanilla one serves on the local and Ray "
+                       "engines)" if silent else ""),
                 )
             time.sleep(0.5)
 
@@ -359,14 +379,15 @@ class FedSimStrategy(Strategy):
                     self.failures.append(FailureRecord(server_round, pid, node, "sat-out",
                                                        str(metrics.get("reason", "client sat the round out"))))
                     continue
-                arrays = self.parse_reply(r.content, metrics, pid)
+                content = decode_sign_reply(r.content, pid, {k: a.shape for k, a in zip(self.keys, self.current)})
+                arrays = self.parse_reply(content, metrics, pid)
                 n = self.validate_weight(metrics, pid)
                 for mechanism in self.mechanisms:  # a private reply must say it did what is accounted
                     mechanism.check_reply(pid, metrics)
             except ClientUpdateError as err:
                 self.failures.append(FailureRecord(server_round, pid, node, "invalid", err.message))
                 continue
-            updates.append(ClientUpdate(pid, node, arrays, n, metrics, r.content))
+            updates.append(ClientUpdate(pid, node, arrays, n, metrics, content))
         for m in self._sent:
             if m.metadata.dst_node_id not in answered:
                 node = m.metadata.dst_node_id

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedsim.errors import ClientUpdateError
 from fedsim.wire import to_numpy
@@ -58,3 +58,36 @@ def expect_count(metrics: dict[str, Any], pid: int, key: str = "num-examples", m
         raise ClientUpdateError(pid, f"metrics.{key}", f"must be an integer in {minimum}..{maximum}, got {n!r}",
                                 "report the local training-set size")
     return n
+
+
+def decode_sign_reply(content: RecordDict, pid: int, shapes: dict[str, tuple[int, ...]],
+                      record: str = "arrays") -> RecordDict:
+    """A reply with its 1-bit packed arrays (``fedsim.sign_codec``: the ``codec`` record) decoded back to
+    dense float32 ``s·sgn(W)`` in ``record``, shapes taken from the global model (``shapes``); a reply
+    without a ``codec`` record is returned as it is. A malformed packed reply raises
+    :class:`ClientUpdateError` naming the client and the field."""
+    from fedsim.sign_codec import CODEC_RECORD, KEYS_FIELD, SCALES_FIELD, unpack_signs
+    from fedsim.wire import from_numpy
+
+    if CODEC_RECORD not in content.config_records:
+        return content
+    codec = content.config_records[CODEC_RECORD]
+    keys, scales = codec.get(KEYS_FIELD), codec.get(SCALES_FIELD)
+    hint = "send packed replies through fedsim.sign_codec.encode_arrays"
+    if (not isinstance(keys, list) or not isinstance(scales, list) or len(keys) != len(scales)
+            or len(set(keys)) != len(keys) or not all(isinstance(k, str) for k in keys)):
+        raise ClientUpdateError(pid, f"{CODEC_RECORD}.{KEYS_FIELD}", "must list distinct keys, one scale each", hint)
+    if record not in content.array_records:
+        raise ClientUpdateError(pid, record, "missing from the reply", "the client task must return it")
+    dense = dict(content.array_records[record].items())
+    for k, s in zip(keys, scales):
+        if k not in dense or k not in shapes:
+            raise ClientUpdateError(pid, f"{CODEC_RECORD}.{KEYS_FIELD}", f"packs '{k}', which is not an array "
+                                    "of both the reply and the global model", hint)
+        bits = expect_array(content, pid, record, k, dtype=np.uint8)
+        try:
+            dense[k] = from_numpy(unpack_signs(bits, s, shapes[k]))
+        except (ValueError, TypeError) as err:
+            raise ClientUpdateError(pid, f"{record}.{k}", f"malformed packed sign array: {err}", hint) from None
+    return RecordDict({n: (ArrayRecord(dense) if n == record else r) for n, r in content.items()
+                       if n != CODEC_RECORD})

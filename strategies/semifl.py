@@ -13,6 +13,8 @@ One round (the reference's order):
 3. Client training on the confident ("fix") set with strong augmentation, plus mixup against random
    local samples: ``CE(f(A(x_fix)), ŷ_fix) + lam·[l CE(f(x_mix), ŷ_fix) + (1-l) CE(f(x_mix), ŷ_rand)]``,
    ``l ~ Beta(alpha, alpha)``; SGD (momentum 0.9, Nesterov, weight decay 5e-4), gradients clipped to 1.
+   It runs on the one plugin loop (``train_local`` with :class:`SemiFLClientStep`), so client plugins
+   such as ``barlow_twins`` and ``mixtrain`` compose with it.
 4. Server: unweighted mean of the client models on weights and biases only (BN buffers excluded),
    global SGD step with lr 1 and momentum ``global_momentum`` (persisting across rounds).
 5. Server fine-tuning on its labelled data (``server_epochs``, weak augmentation, same optimiser,
@@ -33,7 +35,9 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedsim.clients.augment import mixup, sample_beta, strong_augment, weak_augment
+from fedsim.clients.plugin_api import ClientPlugin, Event, PluginStack, TrainState
 from fedsim.clients.tasks import CLIENT_TASKS, ClientCall
+from fedsim.clients.trainer import train_local
 from fedsim.errors import ConfigError
 from fedsim.rng import torch_generator
 from fedsim.strategies.base import FedSimStrategy, register_strategy
@@ -99,9 +103,64 @@ def _check_images(x: torch.Tensor) -> None:
                           f"{tuple(x.shape)}", "use an image dataset such as digits or synthetic_images")
 
 
+class SemiFLClientStep(ClientPlugin):
+    """SemiFL's client objective on the one plugin loop (internal: not registered, added by the task).
+
+    The loop trains on the confident ("fix") samples with their pseudo-labels. At ``BATCH`` this
+    plugin draws the mixup partners (random local samples) and replaces the batch with its strong
+    view ``A(alpha(x))``, so the loop's ``"ce"`` term is ``CE(f(A(x_fix)), y_fix)``; at ``LOSS`` it adds
+    ``lam * [l CE(f(x_mix), y_fix) + (1-l) CE(f(x_mix), y_rand)]`` as ``"semifl_mix"``; before the step
+    it clips the gradient norm to 1. Its draws come from the loop's RNG in the reference order, so the
+    task trains exactly as SemiFL's own loop did. Other plugins (``barlow_twins``, ``mixtrain``) run
+    after it on the same loop.
+    """
+
+    name = "semifl_client"
+    events = frozenset({Event.BATCH, Event.LOSS, Event.BEFORE_STEP, Event.AFTER_STEP})
+
+    def __init__(self, x_all: torch.Tensor, yhat_all: torch.Tensor, lam: float, alpha: float, flip: bool,
+                 padding: int) -> None:
+        super().__init__()
+        self.x_all, self.yhat_all = x_all, yhat_all
+        self.lam, self.alpha, self.flip, self.padding = lam, alpha, flip, padding
+        self.loss_sum, self.steps = 0.0, 0
+        self._raw: torch.Tensor | None = None
+        self._partners: torch.Tensor | None = None
+
+    def _weak(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return weak_augment(x, gen, flip=self.flip, padding=self.padding)
+
+    def on(self, event: Event, state: TrainState) -> None:
+        gen = state.rng
+        if event is Event.BATCH:
+            xb, yb = state.batch
+            n = int(self.x_all.shape[0])
+            self._partners = torch.randint(0, n, (int(yb.numel()),), generator=gen).to(yb.device)
+            self._raw = xb
+            state.batch = (strong_augment(self._weak(xb, gen), gen, weak_first=False), yb)
+        elif event is Event.LOSS and self.lam:
+            lm = float(sample_beta(gen, self.alpha))
+            rnd = self._partners
+            x_mix = mixup(self._weak(self._raw, gen), self._weak(self.x_all[rnd], gen), lm)
+            out = state.model(x_mix)
+            yb = state.batch[1]
+            state.add_loss("semifl_mix", self.lam * (lm * F.cross_entropy(out, yb)
+                                                     + (1 - lm) * F.cross_entropy(out, self.yhat_all[rnd])))
+        elif event is Event.BEFORE_STEP:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
+        elif event is Event.AFTER_STEP:
+            self.loss_sum += float(state.loss.detach())
+            self.steps += 1
+
+
 @CLIENT_TASKS.register("semifl")
 def semifl_client(call: ClientCall) -> RecordDict:
-    """Pseudo-label once with the received model, then fix + mix training (SemiFL client)."""
+    """Pseudo-label once with the received model, then fix + mix training on the plugin loop.
+
+    The client's own plugins (``client.plugins``, e.g. ``barlow_twins`` or ``mixtrain``) run on the same
+    loop after :class:`SemiFLClientStep`, with the pseudo-labels as the batch labels. ``client.max_steps``
+    caps the local steps of the round over all epochs (the loop's rule).
+    """
     c = call.config
     model = call.load_global()
     x, _unused_labels = call.data()  # clients are unlabelled: their labels are never read
@@ -117,35 +176,21 @@ def semifl_client(call: ClientCall) -> RecordDict:
     fix = torch.nonzero(mask).flatten()
     if fix.numel() == 0:
         return RecordDict({"metrics": call.reply_metrics(**{"sat-out": 1, "num-examples": 1, "mask-rate": 0.0})})
-    model.train()
-    sc = call.scenario.client
+    step = SemiFLClientStep(x, yhat, float(c["semifl-lambda"]), float(c["semifl-alpha"]), flip, pad)
+    own = call.plugins()
+    stack = PluginStack([step, *own.plugins])
+    stack.first_visit = set(own.first_visit)
     opt = _sgd(model.parameters(), float(c["semifl-lr"]), float(c["semifl-weight-decay"]))
-    lam, alpha, bs = float(c["semifl-lambda"]), float(c["semifl-alpha"]), sc.batch_size
+    res = train_local(model, x[fix], yhat[fix], call.scenario.client, stack, round=call.round,
+                      client_id=call.partition_id, seed=call.scenario.run.seed, rng=gen, config=c,
+                      progress=call.progress(), progress_span=call.progress_span(), optimizer=opt,
+                      probe_rng=call.rng("probe"))
+    call.save_plugins(own)
     n = int(x.shape[0])
-    loss_sum, steps = 0.0, 0
-    for _ in range(sc.epochs):
-        order = fix[torch.randperm(fix.numel(), generator=gen).to(fix.device)]
-        for s in range(0, int(order.numel()), bs):
-            idx = order[s:s + bs]
-            rnd = torch.randint(0, n, (idx.numel(),), generator=gen).to(idx.device)
-            xb, yb = x[idx], yhat[idx]
-            loss = F.cross_entropy(model(strong_augment(weak_augment(xb, gen, flip=flip, padding=pad), gen, weak_first=False)), yb)
-            if lam:
-                lm = float(sample_beta(gen, alpha))
-                x_mix = mixup(weak_augment(xb, gen, flip=flip, padding=pad), weak_augment(x[rnd], gen, flip=flip, padding=pad), lm)
-                out = model(x_mix)
-                loss = loss + lam * (lm * F.cross_entropy(out, yb) + (1 - lm) * F.cross_entropy(out, yhat[rnd]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            loss_sum += float(loss.detach())
-            steps += 1
-            if sc.max_steps and steps >= sc.max_steps:
-                break
+    plugin_metrics = {k: v for k, v in res.metrics.items() if "/" in k}
     metrics = call.reply_metrics(**{"num-examples": int(fix.numel()), "mask-rate": fix.numel() / n,
-                                    "train_loss": loss_sum / max(steps, 1), "steps": steps,
-                                    "sim-time": call.simulated_time(steps)})
+                                    "train_loss": step.loss_sum / max(step.steps, 1), "steps": res.steps,
+                                    "sim-time": call.simulated_time(res.steps)}, **plugin_metrics)
     return RecordDict({"arrays": state_to_arrays(model), "metrics": metrics})
 
 

@@ -61,6 +61,7 @@ class FedLDMargin(ClientPlugin):
 
     name = "fedld_margin"
     events = frozenset({Event.LOSS})
+    bench_overrides = ('client.plugins=["fedld_margin"]',)
 
     @dataclass(frozen=True)
     class Settings(ClientPlugin.Settings):

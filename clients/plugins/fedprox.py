@@ -20,6 +20,7 @@ from fedsim.clients.plugin_api import ClientPlugin, Event, TrainState, register_
 class FedProx(ClientPlugin):
     name = "fedprox"
     events = frozenset({Event.ROUND_START, Event.LOSS})
+    bench_overrides = ('client.plugins=["fedprox"]', "client.fedprox.mu=0.1")
 
     @dataclass(frozen=True)
     class Settings(ClientPlugin.Settings):

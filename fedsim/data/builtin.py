@@ -8,6 +8,6 @@ sees complete ``DATASETS`` and ``PARTITIONERS`` registries.
 
 from __future__ import annotations
 
-from fedsim.data import datasets, label_skew, npz_file, partitioners, synthetic
+from fedsim.data import datasets, drift, label_skew, npz_file, partitioners, separable, synthetic, tree_partition
 
-MODULES = (datasets, npz_file, synthetic, partitioners, label_skew)
+MODULES = (datasets, npz_file, synthetic, separable, drift, partitioners, label_skew, tree_partition)

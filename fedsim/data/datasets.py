@@ -137,6 +137,10 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return deco
 
 
+#: a `module:object` loader not registered by its module gets the same checks (fedsim.registry)
+DATASETS.adopt = lambda name, loader: register_dataset(name)(loader)
+
+
 def load_dataset(name: str, seed: int, test_fraction: float = 0.2, options: dict | None = None) -> Dataset:
     """Build the registered dataset ``name`` (``data.dataset``) with its ``data.options``."""
     loader = DATASETS.get(name, key=DATASET_KEY)

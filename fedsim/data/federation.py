@@ -16,6 +16,7 @@ import numpy as np
 
 from fedsim.data import _checks
 from fedsim.data.datasets import Dataset, load_dataset
+from fedsim.data.label_noise import LABEL_NOISE_KEY, with_label_noise
 from fedsim.data import partitioners
 from fedsim.data.partitioners import NUM_PARTITIONS_KEY
 from fedsim.data.splits import stratified_take
@@ -81,7 +82,7 @@ class Federation:
 
 def make_federation(dataset: str, num_clients: int, partitioner: str = "iid", partition: dict | None = None,
                     options: dict | None = None, test_fraction: float = 0.2, server_labelled: int = 0,
-                    seed: int = 0) -> Federation:
+                    seed: int = 0, label_noise: float = 0.0) -> Federation:
     """Build (or fetch from this process's cache) the federation a scenario describes.
 
     Parameters
@@ -99,6 +100,9 @@ def make_federation(dataset: str, num_clients: int, partitioner: str = "iid", pa
         partitioning and excluded from every client).
     seed
         Root seed: the dataset, the server split and the partition each get their own stream.
+    label_noise
+        Fraction of training labels flipped to another class (``data.label_noise``,
+        :mod:`fedsim.data.label_noise`), before the server split and the partition.
 
     Returns
     -------
@@ -107,7 +111,7 @@ def make_federation(dataset: str, num_clients: int, partitioner: str = "iid", pa
     """
     settings = {"dataset": dataset, "num_clients": num_clients, "partitioner": partitioner,
                 "partition": partition or {}, "options": options or {}, "test_fraction": test_fraction,
-                "server_labelled": server_labelled, "seed": seed}
+                "server_labelled": server_labelled, "seed": seed, "label_noise": label_noise}
     try:
         key = json.dumps(settings, sort_keys=True, default=_plain)
     except (TypeError, ValueError) as err:
@@ -121,7 +125,8 @@ def federation_of(scenario: Any) -> Federation:
     d = scenario.data
     return make_federation(dataset=d.dataset, num_clients=d.num_clients, partitioner=d.partitioner,
                            partition=d.partition, options=d.options, test_fraction=d.test_fraction,
-                           server_labelled=d.server_labelled, seed=scenario.run.seed)
+                           server_labelled=d.server_labelled, seed=scenario.run.seed,
+                           label_noise=getattr(d, "label_noise", 0.0))
 
 
 def clear_federation_cache() -> None:
@@ -147,7 +152,7 @@ def _cached_federation(key: str) -> Federation:
 
 
 def _build(dataset: str, num_clients: int, partitioner: str, partition: dict, options: dict,
-           test_fraction: float, server_labelled: int, seed: int) -> Federation:
+           test_fraction: float, server_labelled: int, seed: int, label_noise: float = 0.0) -> Federation:
     data = load_dataset(dataset, seed, test_fraction, options)
     num_clients = _checks.positive_int(NUM_PARTITIONS_KEY, num_clients)
     server_labelled = _checks.int_at_least(SERVER_LABELLED_KEY, server_labelled, 0)
@@ -159,14 +164,47 @@ def _build(dataset: str, num_clients: int, partitioner: str, partition: dict, op
         raise DataError(f"{SERVER_LABELLED_KEY}: the server would keep {server_labelled} of {data.num_train} "
                         f"training samples, leaving fewer than one per client ({num_clients} clients)",
                         f"lower {SERVER_LABELLED_KEY} to at most {max(data.num_train - num_clients, 0)}")
+    if hasattr(data, "users"):  # generated per user on demand (synthetic with lazy = true)
+        if label_noise:
+            raise ConfigError(LABEL_NOISE_KEY, "cannot flip labels of data generated one user at a time",
+                              f"set {LABEL_NOISE_KEY} = 0 or data.options.lazy = false")
+        return _lazy_federation(data, num_clients, partitioner, partition, server_labelled)
+    data = with_label_noise(data, label_noise, numpy_rng(seed, "label-noise"))
     server, pool = stratified_take(data.y_train, server_labelled, numpy_rng(seed, "server-split"))
     ids = None if data.natural_ids is None else data.natural_ids[pool]
     parts = partitioners.partition(partitioner, data.y_train[pool], num_clients, numpy_rng(seed, "partition"),
-                                   partition, natural_ids=ids)
+                                   partition, natural_ids=ids, features=lambda: data.x_train[pool])
     clients = [_read_only(pool[part]) for part in parts]
     for array in (data.x_train, data.y_train, data.x_test, data.y_test):
         array.setflags(write=False)
     return Federation(dataset=data, client_indices=clients, server_indices=_read_only(server))
+
+
+def _lazy_federation(data: Dataset, num_clients: int, partitioner: str, partition: dict,
+                     server_labelled: int) -> Federation:
+    """Clients of a per-user generated dataset: the ``natural`` partition, computed from the user sizes
+    alone (consecutive users grouped as :func:`fedsim.data.partitioners.natural` groups them), as views
+    of one read-only ``arange`` so that no sample is generated and no index is stored twice."""
+    lazy = "synthetic with data.options.lazy = true is generated one user at a time"
+    if partitioner != "natural":
+        raise ConfigError(partitioners.PARTITIONER_KEY, f"{lazy}, so only the 'natural' partitioner can split it "
+                          f"(got '{partitioner}')", "set data.partitioner = \"natural\" or data.options.lazy = false")
+    if partition:
+        key = partitioners.partition_key(sorted(partition)[0])
+        raise ConfigError(key, "the 'natural' partitioner takes no parameters", f"remove {key}")
+    if server_labelled:
+        raise ConfigError(SERVER_LABELLED_KEY, f"{lazy}; a stratified server split would generate all of it",
+                          f"set {SERVER_LABELLED_KEY} = 0 or data.options.lazy = false")
+    users = data.users
+    if num_clients > users.num_users:
+        raise DataError(f"{NUM_PARTITIONS_KEY}: {num_clients} partitions but the data has only "
+                        f"{users.num_users} natural owners", f"set {NUM_PARTITIONS_KEY} to at most {users.num_users}")
+    group_sizes = [len(g) for g in np.array_split(np.arange(users.num_users), num_clients)]
+    first_user = np.concatenate([[0], np.cumsum(group_sizes)])
+    bounds = users.train_starts[first_user]
+    rows = _read_only(np.arange(users.num_train, dtype=np.int64))
+    clients = [rows[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    return Federation(dataset=data, client_indices=clients, server_indices=_read_only(np.zeros(0, np.int64)))
 
 
 def _read_only(indices: np.ndarray) -> np.ndarray:

@@ -75,19 +75,29 @@ def register_partitioner(name: str, hidden: tuple[str, ...] = ()) -> Callable[[P
     return deco
 
 
+#: a `module:object` partitioner not registered by its module gets the same checks (fedsim.registry)
+PARTITIONERS.adopt = lambda name, fn: register_partitioner(name)(fn)
+
+
 def partition(name: str, labels: np.ndarray, num_partitions: int, rng: np.random.Generator,
-              params: dict | None = None, natural_ids: np.ndarray | None = None) -> list[np.ndarray]:
+              params: dict | None = None, natural_ids: np.ndarray | None = None,
+              features: np.ndarray | Callable[[], np.ndarray] | None = None) -> list[np.ndarray]:
     """Run the registered partitioner ``name`` (``data.partitioner``) with ``data.partition`` params.
 
-    ``natural_ids`` (the dataset's owner id per sample) is passed to partitioners that take it.
+    ``natural_ids`` (the dataset's owner id per sample) and ``features`` (its training inputs, or a
+    callable that returns them, called only for a partitioner that takes them) are passed to
+    partitioners that take them.
     """
     fn = PARTITIONERS.get(name, key=PARTITIONER_KEY)
     params = dict(params or {})
-    if "natural_ids" in params:
-        raise ConfigError(partition_key("natural_ids"), "is taken from the dataset, not from the scenario",
-                          f"remove {partition_key('natural_ids')}; use a dataset with natural ids")
+    for key in ("natural_ids", "features"):
+        if key in params:
+            raise ConfigError(partition_key(key), "is taken from the dataset, not from the scenario",
+                              f"remove {partition_key(key)}")
     if "natural_ids" in _checks.keyword_names(fn, skip=3):
         params["natural_ids"] = natural_ids
+    if "features" in _checks.keyword_names(fn, skip=3):
+        params["features"] = features() if callable(features) else features
     return fn(labels, num_partitions, rng, **params)
 
 

@@ -54,6 +54,10 @@ def plot_label_distribution(federation: Federation, path: str | Path, *, title: 
     axes.set_xlim(-0.6, num_clients - 0.4)
     if num_clients <= 30:
         axes.set_xticks(clients)
+    else:  # client ids are integers: never a tick between two clients
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title(title or f"{federation.dataset.name}: labels over {num_clients} clients")
     axes.legend(title="class", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small",
                 ncols=1 if num_classes <= 20 else 2)

@@ -6,7 +6,6 @@ Both are fully determined by the seed, so every client process rebuilds the same
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from fedsim.data import _checks
 from fedsim.data.datasets import OPTIONS_PREFIX, Dataset, register_dataset, split_train_test
@@ -32,7 +31,7 @@ def _user_sizes(num_samples: int, num_users: int, rng: np.random.Generator) -> n
 @register_dataset("synthetic")
 def synthetic(seed: int, test_fraction: float, alpha: float = 1.0, beta: float = 1.0,
               num_samples: int = 6000, num_users: int = 30, dim: int = 60, num_classes: int = 10,
-              iid: bool = False) -> Dataset:
+              iid: bool = False, lazy: bool = False, test_users: int = 0) -> Dataset:
     """LEAF-style Synthetic(α, β) with a natural split by user (Li et al., 2020).
 
     For user ``k``: ``u_k ~ N(0, α)``, ``B_k ~ N(0, β)``; ``W_k ~ N(u_k, 1)`` (``dim × num_classes``),
@@ -42,6 +41,12 @@ def synthetic(seed: int, test_fraction: float, alpha: float = 1.0, beta: float =
     used as standard deviations. ``iid=True`` gives every user the same ``W, b ~ N(0, 1)`` and
     ``v = 0``. User sizes follow LEAF's log-normal power law. The test split takes about
     ``test_fraction`` of every user's samples, and ``natural_ids`` holds the user of each sample.
+
+    ``lazy=True`` (for very large federations) generates each user's samples only when a client
+    asks for them, from the user's own seeded stream (:class:`LazySynthetic`): the same model of
+    the data and the same user sizes, but other random numbers than the eager form. It is split
+    with the ``natural`` partitioner only; ``test_users > 0`` builds the test set from that many
+    users drawn at random (default: every user's held-out samples).
 
     References
     ----------
@@ -59,8 +64,18 @@ def synthetic(seed: int, test_fraction: float, alpha: float = 1.0, beta: float =
         raise ConfigError(_key("num_samples"), f"{num_samples} samples cannot give {num_users} users "
                           "two samples each", f"raise {_key('num_samples')} to at least {2 * num_users} "
                           f"or lower {_key('num_users')}")
+    lazy = _checks.boolean(_key("lazy"), lazy)
+    test_users = _checks.int_at_least(_key("test_users"), test_users, 0)
+    if test_users and not lazy:
+        raise ConfigError(_key("test_users"), "only applies to the lazy form (the eager form holds out "
+                          "part of every user)", f"remove {_key('test_users')} or set {_key('lazy')} = true")
     rng = numpy_rng(seed, "dataset", "synthetic")
     sizes = _user_sizes(num_samples, num_users, rng)
+    if lazy:
+        from fedsim.data.synthetic_lazy import LazySynthetic
+
+        return LazySynthetic.build(seed, test_fraction, sizes, alpha=alpha, beta=beta, dim=dim,
+                                   num_classes=num_classes, iid=iid, test_users=test_users)
     user_of_sample = np.repeat(np.arange(num_users), sizes)
     if iid:
         weights = np.broadcast_to(rng.normal(0, 1, (dim, num_classes)), (num_users, dim, num_classes))
@@ -84,6 +99,8 @@ def synthetic(seed: int, test_fraction: float, alpha: float = 1.0, beta: float =
 
 def _smooth_fields(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Gaussian-smoothed white noise over the last two axes, rescaled to unit standard deviation."""
+    from scipy import ndimage  # about a second to import: only for the image dataset
+
     field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=(0,) * (len(shape) - 2) + (sigma, sigma),
                                     mode="wrap")
     return field / field.std()

@@ -4,9 +4,12 @@ No Ray, no sockets: ``push_messages`` runs the ClientApp for each message in ord
 persistent :class:`flwr.app.Context` per node, and turns a client exception into an error reply
 (``Error`` code 2, as Flower does), so a failing client never stops the run.
 
-With ``run.vectorize = true`` a :class:`~fedsim.clients.batched.BatchedFit` first takes the push's
-eligible plain ``train`` messages and trains those clients together in vectorised calls; every
-other message (and any client the batcher declines) still goes through the ClientApp one by one.
+By default (``run.vectorize = "auto"``; ``true`` forces it for conv models on CPU too) a
+:class:`~fedsim.clients.batched.BatchedFit` first takes the push's eligible plain ``train`` messages
+and trains those clients together in vectorised calls; every other message (and any client the
+batcher declines) still goes through the ClientApp one by one. ``run.vectorize = false`` sends
+every message through the ClientApp. What happened is :meth:`LocalGrid.vectorized`, which the
+server writes to ``summary.json`` as ``vectorized``.
 
 ``run.round_timeout`` holds here too. Clients run one after another in this process, so each
 client call's own wall time is measured and compared with the deadline, as if the clients ran in
@@ -162,6 +165,15 @@ class LocalGrid(Grid):
         reply.metadata.__dict__["_delivered_at"] = str(time.time())
         return reply
 
+    def vectorized(self) -> dict:
+        """``summary.json``'s ``vectorized``: whether the batched path trained clients, and why not."""
+        if self.batcher is None:
+            return {"used": False, "reason": self.no_batcher_reason}
+        return self.batcher.summary()
+
+    #: why :attr:`batcher` is ``None`` (set by :func:`run_local`)
+    no_batcher_reason = "run.vectorize = false"
+
     def kill(self, partition_id: int) -> None:
         """Simulate a node that died: it disappears and never answers again."""
         self.dead.add(node_id_for(partition_id))
@@ -267,9 +279,17 @@ def _decode_value(v: Any) -> Any:
     return v
 
 
-def run_local(scenario, out_dir, on_round=None, grid_hook=None, resume: bool = False) -> dict:
+def run_local(scenario, out_dir, on_round=None, grid_hook=None, resume: bool = False,
+              client_app: ClientApp | None = None) -> dict:
     """Run ``scenario`` on the embedded engine: the real ServerApp and ClientApp, one process.
-    ``resume=True`` continues the run in ``out_dir`` from its latest checkpoint."""
+    ``resume=True`` continues the run in ``out_dir`` from its latest checkpoint.
+
+    ``client_app``: any Flower ``ClientApp`` to serve as the clients (default: fedsim's). Each node's
+    ``context.node_config`` holds ``partition-id`` and ``num-partitions``, as in Flower's simulation;
+    a vanilla app answers ``train`` with ``arrays`` and ``metrics.num-examples``. Such an app is
+    always called message by message (the batched path stands in for fedsim's own training only; the
+    reason is logged once and recorded in ``summary.json``).
+    """
     from flwr.app import Context
 
     from fedsim.catalog import resolve
@@ -278,15 +298,25 @@ def run_local(scenario, out_dir, on_round=None, grid_hook=None, resume: bool = F
 
     resolve(scenario)
     result: dict = {}
-    client_app = build_client_app(scenario)
+    foreign = client_app is not None
+    if client_app is None:
+        client_app = build_client_app(scenario)
     server_app = build_server_app(scenario, out_dir, engine="local", on_round=on_round, result=result,
                                   resume=resume)
-    batcher = None
-    if getattr(scenario.run, "vectorize", False):
-        from fedsim.clients.batched import BatchedFit
+    batcher, why_not = None, "run.vectorize = false"
+    if foreign and scenario.run.vectorize is not False:
+        import logging
 
-        batcher = BatchedFit(scenario)
+        why_not = "the ClientApp given is not fedsim's; the batched path stands in for fedsim's own training only"
+        level = logging.WARNING if scenario.run.vectorize is True else logging.INFO
+        logging.getLogger("flwr").log(level, "fedsim: run.vectorize: clients train one by one, because %s",
+                                         why_not)
+    elif scenario.run.vectorize is not False:
+        from fedsim.clients.batched import batcher_for
+
+        batcher = batcher_for(scenario)
     grid = LocalGrid(client_app, scenario.data.num_clients, batcher=batcher)
+    grid.no_batcher_reason = why_not
     if grid_hook is not None:
         grid_hook(grid)
     server_app(grid, Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config={}))

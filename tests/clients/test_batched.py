@@ -190,8 +190,10 @@ def test_run_local_vectorised_is_deterministic_and_close(tmp_path):
     assert isinstance(grids[0].batcher, BatchedFit) and grids[0].batcher.calls == 3
     assert grids[0].batcher.clients == 9  # 3 rounds × 3 sampled clients
     b = run_local(tiny(over + ["run.vectorize=true"]), tmp_path / "b")
-    c = run_local(tiny(over), tmp_path / "c", grid_hook=grids.append)
-    assert grids[-1].batcher is None  # off by default
+    c = run_local(tiny(over + ["run.vectorize=false"]), tmp_path / "c", grid_hook=grids.append)
+    assert grids[-1].batcher is None  # false: every client through the ClientApp
+    assert c["vectorized"] == {"used": False, "reason": "run.vectorize = false"}
+    assert a["vectorized"]["used"] and a["vectorized"]["clients_batched"] == 9
     ra, rb, rc = ([{k: v for k, v in r.items() if k != "wall_s"} for r in read_jsonl(tmp_path / d / "metrics.jsonl")]
                   for d in "abc")
     assert ra == rb  # same seed, same results (bit for bit)
@@ -224,3 +226,110 @@ def test_plugins_reaching_the_loop_any_other_way_are_detected(monkeypatch):
     b = BatchedFit(s)
     assert b.run(_items(grid, _msgs(arrays, range(6), plugins="fedprox"))) == [None] * 6
     assert "fedprox" in b.reason()
+
+
+# --- the batched path as the local engine's default (run.vectorize = "auto") ---------------------------
+def test_vectorize_setting_default_values_and_refusal():
+    from fedsim.clients.batched import batcher_for
+    from fedsim.errors import ConfigError
+
+    assert tiny().run.vectorize == "auto"
+    assert batcher_for(tiny()).when == "faster"
+    assert batcher_for(tiny(["run.vectorize=true"])).when == "eligible"
+    assert batcher_for(tiny(["run.vectorize=false"])) is None
+    with pytest.raises(ConfigError, match="run.vectorize"):
+        tiny(['run.vectorize="sometimes"'])
+
+
+def test_default_run_batches_and_a_plugin_set_falls_back_with_its_reason(tmp_path, caplog):
+    import json
+    import logging
+
+    grids = []
+    plain = run_local(tiny(), tmp_path / "plain", grid_hook=grids.append)
+    assert isinstance(grids[0].batcher, BatchedFit) and grids[0].batcher.calls == 2  # one call per round
+    assert plain["vectorized"]["used"] and plain["vectorized"]["reason"] is None
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        prox = run_local(tiny(['client.plugins=["fedprox"]', "client.fedprox.mu=0.1"]), tmp_path / "prox")
+    recorded = json.loads((tmp_path / "prox" / "summary.json").read_text())["vectorized"]
+    assert recorded == prox["vectorized"] and recorded["used"] is False
+    assert "fedprox" in recorded["reason"] and recorded["clients_batched"] == 0
+    assert recorded["clients_per_client"] == 8  # 2 rounds × 4 clients, each trained one by one
+    logged = [r for r in caplog.records if "clients train one by one" in r.getMessage()]
+    assert len(logged) == 1 and "fedprox" in logged[0].getMessage()  # once, not per round or client
+
+
+def test_faulty_clients_are_counted_per_reason(tmp_path):
+    s = tiny(["faults.crash_clients=[1]", "faults.crash_rounds=[1, 2]", "strategy.fraction_train=1.0",
+              "run.on_failed_round=\"continue\""])
+    v = run_local(s, tmp_path)["vectorized"]
+    assert v["used"] and v["clients_batched"] == 6 and v["clients_per_client"] == 2
+    assert v["per_client_reasons"] == {"a fault (crash or dropout) hits the client this round": 2}
+
+
+def test_vectorize_true_batches_convolutions_on_cpu_too(tmp_path):
+    over = ['model.name="cnn"', 'model.norm="group"', "model.channels=[4,8]", "run.rounds=1"]
+    grids = []
+    auto = run_local(tiny(over), tmp_path / "auto", grid_hook=grids.append)
+    forced = run_local(tiny(over + ["run.vectorize=true"]), tmp_path / "forced", grid_hook=grids.append)
+    assert not auto["vectorized"]["used"] and "convolutions" in auto["vectorized"]["reason"]
+    assert forced["vectorized"]["used"] and grids[1].batcher.calls == 1
+    assert forced["final"]["test_loss"] == pytest.approx(auto["final"]["test_loss"], abs=1e-5)
+
+
+# built-in scenarios the default batches (pinned: a change that silently stops batching one fails here)
+BATCHED_BUILTINS = {"byzantine_median", "default", "double_descent", "dp_fedavg_digits", "dp_ftrl_digits",
+                    "faults_dropout", "separable_logreg", "temporal_drift"}
+
+
+@pytest.mark.slow
+def test_default_path_equals_per_client_path_on_every_builtin_scenario_it_batches(tmp_path):
+    from pathlib import Path
+
+    from fedsim.catalog import resolve
+    from fedsim.config import load_scenario
+
+    def run(path, setting):
+        out = tmp_path / f"{path.stem}-{setting}"
+        s = resolve(load_scenario(path, ["run.rounds=2", "run.checkpoint_every=2", "run.progress=false",
+                                         f"run.vectorize={setting}"]))
+        summary = run_local(s, out)
+        assert summary["status"] == "completed", path
+        return summary, load_checkpoint(out / "checkpoints" / "round_0002.npz")["model"]
+
+    batched = set()
+    for path in sorted((Path(__file__).parents[2] / "scenarios").glob("*.toml")):
+        s = resolve(load_scenario(path))
+        why = BatchedFit(s).reason()  # scenario-wide reasons need no run
+        if why is not None:
+            assert path.stem not in BATCHED_BUILTINS, (path.stem, why)
+            continue
+        auto, model_auto = run(path, '"auto"')
+        if not auto["vectorized"]["used"]:
+            assert auto["vectorized"]["reason"], path.stem  # fell back: the reason is recorded
+            continue
+        batched.add(path.stem)
+        per_client, model_pc = run(path, "false")
+        assert per_client["vectorized"]["used"] is False
+        diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(model_auto, model_pc))
+        assert diff <= 1e-5, (path.stem, diff)
+        assert auto["final"]["test_loss"] == pytest.approx(per_client["final"]["test_loss"], abs=1e-5), path.stem
+    assert batched == BATCHED_BUILTINS
+
+
+def test_batched_path_on_cuda_matches_the_per_client_path():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine: the GPU path of run.device = \"auto\" cannot be checked")
+    s, app, grid, arrays = _setup(["client.momentum=0.9", 'run.device="auto"'])
+    rt = runtime_for(s)
+    assert rt.device.type == "cuda" and rt.client_data(0)[0].device.type == "cuda"
+    ref = _reference(app, grid, _msgs(arrays, range(6)))
+    b = BatchedFit(s)
+    got = b.run(_items(grid, _msgs(arrays, range(6))))
+    assert b.calls == 1 and b.clients == 6
+    for r, g in zip(ref, got):
+        _assert_same(r, g, tol=1e-4)  # GPU kernels (TF32 off by default for float32 matmul) round differently
+    cnn, *_ = _setup(['model.name="cnn"', 'model.norm="group"', "model.channels=[4,8]", 'run.device="auto"'])
+    assert BatchedFit(cnn).reason() is None  # convolutions are vectorised on the accelerator by default

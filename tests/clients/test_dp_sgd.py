@@ -95,3 +95,71 @@ def test_noise_level_matches_theory():
     expected = k * d * (z * 1.0 * 1.0 / b) ** 2
     assert measured == pytest.approx(expected, rel=0.15)
     assert _noise_run(z / 3, 0)[0] < expected / 4  # a planted bug (noise / 3) is caught
+
+
+# --- grad-sample modes (Opacus's fast paths): same per-sample clipping, same noise, same update -------
+def _dp_round(model, x, y, mode, clip=1.0, q=0.05, steps=20):
+    """One client round of Poisson DP-SGD in ``mode``; the model's parameters after it and the metrics."""
+    import copy
+
+    model = copy.deepcopy(model)
+    plug = DPSGD(DPSGD.Settings(noise_multiplier=1.0, clip_norm=clip, sample_rate=q, grad_sample_mode=mode))
+    sizes = []
+    plug_sampler = plug._sampler
+
+    def sampler(state):  # record the Poisson batch sizes, to know empty batches were exercised
+        plug_sampler(state)
+        sizes.extend(int(b.shape[0]) for b in state.batches)
+
+    plug._sampler = sampler
+    res = train_local(model, x, y, ClientConfig(epochs=2, batch_size=4, lr=0.5, max_steps=steps),
+                      PluginStack([plug]), round=1, client_id=0, seed=0, rng=torch.Generator().manual_seed(7))
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), res.metrics, sizes
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_every_grad_sample_mode_gives_the_hooks_update(name):
+    from fedsim.clients.plugins.dp_sgd import GRAD_SAMPLE_MODES, choose_grad_sample_mode
+    from fedsim.config import ModelConfig
+    from fedsim.models import build_model
+
+    torch.manual_seed(0)
+    shape = (1, 8, 8) if name == "mlp" else (1, 12, 12)
+    cfg = ModelConfig(name="mlp", hidden=[16]) if name == "mlp" else ModelConfig(name="cnn", norm="group",
+                                                                                 channels=[4, 8], groups=2)
+    model = build_model(cfg, shape, 10, 0)
+    assert choose_grad_sample_mode(model) == "ew", "the MLP and the GroupNorm CNN get expanded weights"
+    x, y = torch.rand(40, *shape), torch.randint(0, 10, (40,))
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    reference, metrics, sizes = _dp_round(model, x, y, "hooks")
+    assert 0 in sizes and max(sizes) > 1, "the round must mix empty and non-empty Poisson batches"
+    assert metrics["dp_sgd/grad_sample_mode"] == GRAD_SAMPLE_MODES.index("hooks")
+    assert not torch.allclose(reference, start)
+    for mode in ("functorch", "ew", "auto"):
+        params, metrics, mode_sizes = _dp_round(model, x, y, mode)
+        assert mode_sizes == sizes
+        assert metrics["dp_sgd/grad_sample_mode"] == GRAD_SAMPLE_MODES.index("ew" if mode == "auto" else mode)
+        assert torch.allclose(params, reference, rtol=0, atol=1e-5), f"{mode} differs from hooks"
+    other_clip, _, _ = _dp_round(model, x, y, "ew", clip=0.5)  # the comparison sees a change of clipping
+    assert not torch.allclose(other_clip, reference, rtol=0, atol=1e-5)
+
+
+def test_auto_mode_falls_back_to_hooks_where_expanded_weights_do_not_apply():
+    from fedsim.clients.plugins.dp_sgd import choose_grad_sample_mode
+
+    class Scaled(torch.nn.Module):  # a parameter of a module expanded weights do not know
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+            self.scale = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, inp):
+            return self.lin(inp) * self.scale
+
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    assert choose_grad_sample_mode(Scaled()) == "hooks"
+    assert choose_grad_sample_mode(tied) == "hooks"
+    assert choose_grad_sample_mode(torch.nn.Linear(4, 2)) == "ew"
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        DPSGD.Settings(grad_sample_mode="ghost")

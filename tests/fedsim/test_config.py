@@ -28,7 +28,7 @@ def test_defaults_validate():
         ({"strategy": {"name": "krum", "num_malicous": 1}}, "strategy.num_malicous", ["num_malicious"]),
         ({"strategy": {"name": "fedprox", "mu": "big"}}, "strategy.mu", ["number"]),
         ({"client": {"plugins": ["nope"]}}, "client.plugins", ["unknown plugin"]),
-        ({"client": {"fedprox": {"mu": 1.0}}}, "client", ["fedprox", "client.plugins"]),
+        ({"client": {"fedprox": {"mu": 1.0}}}, "client.fedprox", ["fedprox", "client.plugins"]),
         ({"client": {"plugins": ["fedprox"], "fedprox": {"muu": 1.0}}}, "client.fedprox.muu", ["mu"]),
         ({"data": {"partitioner": "dirichlet2"}}, "data.partitioner", ["dirichlet"]),
         ({"model": {"name": "resnet"}}, "model.name", ["mlp", "cnn"]),
@@ -143,7 +143,8 @@ def test_the_boundaries_of_those_checks_are_accepted():
     s = scenario_from_dict({"run": {"rounds": 3}, "data": {"num_clients": 5},
                             "faults": {"crash_clients": [0, 4], "crash_rounds": [1, 3]},
                             "strategy": {"min_train_clients": 5}, "model": {"hidden": [], "dropout": 0.5},
-                            "privacy": {"noise_multiplier": MIN_NOISE, "counter_noise": MAX_NOISE}})
+                            "privacy": {"mechanism": "dp-sgd", "noise_multiplier": MIN_NOISE,
+                                        "counter_noise": MAX_NOISE}})
     assert s.faults.crash_clients == [0, 4] and s.strategy.min_train_clients == 5 and s.model.hidden == []
     from fedsim.models import build_model
 
@@ -181,7 +182,7 @@ def test_widths_are_accepted_iff_every_layer_has_a_unit(widths):
 def test_noise_is_accepted_iff_zero_or_in_the_accountable_range(sigma):
     ok = sigma == 0 or MIN_NOISE <= sigma <= MAX_NOISE
     try:
-        scenario_from_dict({"privacy": {"noise_multiplier": sigma}})
+        scenario_from_dict({"privacy": {"mechanism": "dp-sgd", "noise_multiplier": sigma}})
         assert ok, sigma
     except ConfigError as err:
         assert not ok and err.key == "privacy.noise_multiplier"
@@ -270,3 +271,85 @@ def test_a_bare_builtin_name_still_finds_the_builtin_and_deep_overrides_are_stri
     with pytest.raises(ConfigError) as ei:
         scenario_from_dict({}, ["run.rounds=" + "[" * 10_000])
     assert ei.value.key == "run.rounds" and len(str(ei.value)) < 400
+
+
+# ------------------------------------------------------- issue 14: hints for misplaced keys, settings without effect
+@pytest.mark.parametrize("raw, key, meant", [
+    ({"client": {"rounds": 5}}, "client.rounds", "`run.rounds`"),           # a key of another section
+    ({"data": {"lr": 0.1}}, "data.lr", "`client.lr`"),
+    ({"rounds": 5}, "rounds", "`run.rounds`"),                               # at the top level
+    ({"run": {"rouns": 5}}, "run.rouns", "`run.rounds`"),                    # misspelt, same section
+    ({"data": {"num_client": 5}}, "data.num_clients", None),
+    ({"privcy": {}}, "privcy", "`privacy`"),                                 # a misspelt section
+    ({"privacy": {"noise": 1.0}}, "privacy.noise", "`privacy.noise_multiplier`"),
+    ({"strategy": {"rounds": 5}}, "strategy.rounds", "`run.rounds`"),       # not an option of fedavg
+    ({"strategy": {"name": "krum", "num_malicous": 1}}, "strategy.num_malicous", "`strategy.num_malicious`"),
+])
+def test_unknown_keys_say_what_was_probably_meant(raw, key, meant):
+    with pytest.raises(ConfigError) as ei:
+        resolve(scenario_from_dict(raw))
+    text = str(ei.value)
+    if meant is None:  # the key is reported as typed, the hint names the right one
+        assert ei.value.key == "data.num_client" and "did you mean `data.num_clients`" in text, text
+    else:
+        assert ei.value.key == key and f"did you mean {meant}" in text, text
+
+
+def test_a_plugin_table_is_still_a_table_and_unrelated_keys_get_no_guess():
+    from fedsim.config import Scenario
+    from fedsim.config_hints import did_you_mean
+
+    assert did_you_mean(Scenario, "run", "zzzz") == []
+    s = resolve(scenario_from_dict({"client": {"plugins": ["fedprox"], "fedprox": {"mu": 0.5}}}))
+    assert s.client.plugin_settings("fedprox") == {"mu": 0.5}
+
+
+#: a valid value other than the default for every [privacy] setting
+NON_DEFAULT = {"noise_multiplier": 1.0, "target_epsilon": 5.0, "clip_norm": 2.0, "delta": 1e-6, "max_epsilon": 5.0,
+               "accountant": "pld", "sample_rate": 0.1, "client_sampling": "fixed", "clipping": "per_layer",
+               "adaptive_clipping": True, "target_quantile": 0.7, "clip_lr": 0.1, "count_noise": 1.0,
+               "ftrl_restart_every": 2, "release_counters": False, "counter": "sqrt", "counter_noise": 5.0,
+               "secure_rng": True}
+
+
+def test_every_privacy_setting_is_refused_without_a_mechanism():
+    from fedsim.config import PrivacyConfig
+
+    assert set(NON_DEFAULT) == set(PrivacyConfig.model_fields) - {"mechanism"}, "teach NON_DEFAULT the new key"
+    for key, value in NON_DEFAULT.items():
+        with pytest.raises(ConfigError) as ei:
+            scenario_from_dict({"privacy": {key: value}})
+        assert ei.value.key == f"privacy.{key}" and "has no effect without a mechanism" in str(ei.value)
+    for key, value in NON_DEFAULT.items():  # the defaults themselves are fine (a run directory's config.toml)
+        default = PrivacyConfig.model_fields[key].default
+        assert getattr(scenario_from_dict({"privacy": {key: default}}).privacy, key) == default
+
+
+@pytest.mark.parametrize("mechanism, privacy, key", [
+    ("dp-sgd", {"client_sampling": "fixed"}, "privacy.client_sampling"),   # DP-SGD clients sample records
+    ("dp-sgd", {"clipping": "per_layer"}, "privacy.clipping"),
+    ("dp-sgd", {"adaptive_clipping": True}, "privacy.adaptive_clipping"),
+    ("dp-sgd", {"ftrl_restart_every": 2}, "privacy.ftrl_restart_every"),
+    ("dp-fedavg", {"sample_rate": 0.1}, "privacy.sample_rate"),              # the cohort rate is fraction_train
+    ("dp-fedavg", {"clip_lr": 0.1}, "privacy.clip_lr"),                      # adaptive clipping is off
+    ("dp-fedavg", {"count_noise": 1.0}, "privacy.count_noise"),
+    ("dp-ftrl", {"accountant": "pld"}, "privacy.accountant"),                # ρ-zCDP of the tree, always
+    ("dp-ftrl", {"clipping": "per_layer"}, "privacy.clipping"),
+    ("dp-fedavg", {"release_counters": False, "counter": "sqrt"}, "privacy.counter"),
+    ("dp-fedavg", {"release_counters": False, "counter_noise": 3.0}, "privacy.counter_noise"),
+])
+def test_settings_the_chosen_mechanism_never_reads_are_refused(mechanism, privacy, key):
+    with pytest.raises(ConfigError) as ei:
+        scenario_from_dict({"privacy": {"mechanism": mechanism, **privacy}})
+    assert ei.value.key == key and "would be ignored" in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("mechanism, privacy", [
+    ("dp-sgd", {"sample_rate": 0.1, "accountant": "pld", "secure_rng": True, "counter": "sqrt"}),
+    ("dp-fedavg", {"client_sampling": "fixed", "clipping": "per_layer", "adaptive_clipping": True,
+                   "target_quantile": 0.7, "clip_lr": 0.1, "count_noise": 1.0}),
+    ("dp-ftrl", {"ftrl_restart_every": 2, "release_counters": False}),
+])
+def test_settings_the_mechanism_reads_are_accepted(mechanism, privacy):
+    s = scenario_from_dict({"privacy": {"mechanism": mechanism, **privacy}})
+    assert all(getattr(s.privacy, k) == v for k, v in privacy.items())

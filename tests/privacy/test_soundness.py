@@ -141,10 +141,10 @@ def test_the_ledger_accounts_what_it_planned_not_what_a_client_claims(tmp_path):
     assert worst["epsilon"] == max(worst["clients"].values())
     assert worst["clients"][str(worst["worst_client"])] == worst["epsilon"]
     row = read_jsonl(tmp_path / "metrics.jsonl")[-1]
-    assert row["epsilon/dp-sgd"] == worst["epsilon"]  # the summary reports the worst client, named as such
+    assert row["epsilon/dp-sgd/worst_client"] == worst["epsilon"]  # the summary reports the worst client, named as such
     assert "dp_sgd/epsilon" not in row  # no example-weighted mean of client claims
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["final"]["epsilon/dp-sgd"] == worst["epsilon"]
+    assert summary["final"]["epsilon/dp-sgd/worst_client"] == worst["epsilon"]
 
 
 # ---------------------------------------------------------------------------------------------- 3

@@ -313,5 +313,8 @@ def test_ray_engine_gives_the_local_metrics(tmp_path):
     ray = read_jsonl(tmp_path / "ray" / "metrics.jsonl")[1:]
     assert len(ray) == len(local)
     for a, b in zip(local, ray):
-        assert {k: v for k, v in a.items() if k != "wall_s"} == pytest.approx(
-            {k: v for k, v in b.items() if k != "wall_s"}, abs=1e-6)
+        # wall time and bytes on the wire are the engine's own: message metadata carries node ids, whose
+        # protobuf varint length differs between the local engine's ids and Ray's
+        own = ("wall_s", "downlink_bytes", "uplink_bytes")
+        assert {k: v for k, v in a.items() if k not in own} == pytest.approx(
+            {k: v for k, v in b.items() if k not in own}, abs=1e-6)

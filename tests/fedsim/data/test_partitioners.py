@@ -33,7 +33,7 @@ def partitioner_params(name: str) -> list[str]:
     """The parameters a scenario may give the partitioner (``natural_ids`` comes from the data)."""
     params = list(inspect.signature(PARTITIONERS.get(name)).parameters.values())[3:]
     return [p.name for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "natural_ids"]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("natural_ids", "features")]
 
 
 def check_partition(parts: list[np.ndarray], size: int, num_partitions: int, covering: bool = True) -> None:
@@ -56,14 +56,17 @@ TYPICAL = {
     "shard": {"num_shards_per_partition": 2},
     "quantity": {"power": 1.0},
     "natural": {},
+    "tree": {},
 }
 BALANCED = np.arange(200, dtype=np.int64) % 10
 OWNERS = np.arange(200, dtype=np.int64) // 20
+FEATURES = np.stack([BALANCED, np.arange(200) % 7], axis=1).astype(np.float32)  # for "tree"
 
 
 def run(name: str, seed: int, labels=BALANCED, num_partitions: int = 5, **params) -> list[np.ndarray]:
     params = {**TYPICAL[name], **params}
-    return partition(name, labels, num_partitions, np.random.default_rng(seed), params, natural_ids=OWNERS)
+    return partition(name, labels, num_partitions, np.random.default_rng(seed), params, natural_ids=OWNERS,
+                     features=FEATURES[:len(labels)])
 
 
 def test_every_registered_partitioner_is_tested():

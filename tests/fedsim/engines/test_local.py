@@ -196,3 +196,19 @@ def test_a_run_that_does_not_finish_never_says_completed(tmp_path, raised, statu
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == status and summary["rounds_completed"] == 1 and summary["rounds_planned"] == 5
     assert summary["error"] in ("SIGTERM", "disk full")
+
+
+def test_summary_records_whether_the_batched_path_trained(tmp_path):
+    """The default batches fedsim's own plain clients; a foreign ClientApp and ``false`` never are."""
+    from tests.fedsim.engines.vanilla_app import build_vanilla_app
+
+    grids = []
+    default = run_local(tiny(), tmp_path / "default", grid_hook=grids.append)
+    assert default["vectorized"]["used"] and default["vectorized"]["clients_batched"] == 8
+    assert json.loads((tmp_path / "default" / "summary.json").read_text())["vectorized"] == default["vectorized"]
+    off = run_local(tiny(["run.vectorize=false"]), tmp_path / "off", grid_hook=grids.append)
+    assert grids[1].batcher is None and off["vectorized"] == {"used": False, "reason": "run.vectorize = false"}
+    seen = []
+    foreign = run_local(tiny(), tmp_path / "foreign", client_app=build_vanilla_app(seen), grid_hook=grids.append)
+    assert grids[2].batcher is None and len(seen) == 8  # every client through the given app
+    assert foreign["vectorized"]["used"] is False and "not fedsim's" in foreign["vectorized"]["reason"]
