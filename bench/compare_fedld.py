@@ -52,6 +52,17 @@ def variants(raw: dict, min_alignment: float) -> dict[str, dict]:
     return {"paper": raw, "guard": guard, "fedavg": avg}
 
 
+def with_split(base: dict, split: str) -> dict:
+    """``base`` on a Dirichlet(``split``) partition, or IID for ``split = "iid"``."""
+    raw = copy.deepcopy(base)
+    if split == "iid":
+        raw["data"]["partitioner"] = "iid"
+        raw["data"].pop("partition", None)
+    else:
+        raw["data"]["partition"]["alpha"] = float(split)
+    return raw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -65,12 +76,7 @@ def main() -> None:
     base["run"]["rounds"] = args.rounds
     rows = []
     for split in args.splits:
-        raw = copy.deepcopy(base)
-        if split == "iid":
-            raw["data"]["partitioner"] = "iid"
-            raw["data"].pop("partition", None)
-        else:
-            raw["data"]["partition"]["alpha"] = float(split)
+        raw = with_split(base, split)
         acc, logs = {}, {}
         for name, scen in variants(raw, args.min_alignment).items():
             results = [run(scen, seed) for seed in args.seeds]

@@ -1,12 +1,16 @@
-"""Vectorised ``fit``: many clients' local SGD steps in one ``torch.func`` call (DESIGN.md §5).
+"""Vectorised ``fit``: many clients' local SGD steps in one batched call (DESIGN.md §5).
 
 The per-message path runs the plain ``fit`` task once per client: decode the arrays, reload the
 model, build an optimizer, loop over mini-batches, encode the reply. For many small clients that
 fixed cost dominates the compute. :class:`BatchedFit` instead takes every eligible ``train``
 message of one push, stacks the clients' parameters along a leading client dimension and runs
-all their local steps together: ``torch.func.functional_call`` + ``torch.vmap`` over the stacked
-parameters (per-client gradients via ``torch.func.grad_and_value``), with per-client SGD momentum
-buffers, then builds per-client replies with the same content as ``fit``.
+all their local steps together, with per-client SGD momentum buffers, then builds per-client replies
+with the same content as ``fit``. Models that :func:`~fedsim.clients.batched_stacked.stacked_plan`
+verifies (plain ``nn.Sequential`` of ``Linear``, ``Flatten`` and elementwise activations: fedsim's
+``mlp`` and ``logreg``) run as ``torch.baddbmm`` over the stacked parameters with one plain backward
+pass (``clients/batched_stacked.py``: no ``torch.func``, so no ``torch._dynamo`` import); any other
+model runs through ``torch.func.functional_call`` + ``torch.vmap`` (per-client gradients via
+``torch.func.grad_and_value``).
 
 What is reproduced per client, exactly as :func:`fedsim.clients.trainer.train_local` does it:
 
@@ -54,10 +58,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from torch import nn
 
+from fedsim.clients.batched_stacked import stacked_plan, stacked_step
 from fedsim.clients.tasks import CLIENT_TASKS, PLUGINS_KEY, ClientCall, fit, fit_reply
 from fedsim.clients.runtime import ClientRuntime, runtime_for
 from fedsim.config import Scenario
@@ -123,7 +129,7 @@ def message_reason(call: ClientCall) -> str | None:
     """Why this message cannot join a vectorised call (``None``: plain ``train``, no fault this round)."""
     if call.msg.metadata.message_type != "train":
         return f"message type '{call.msg.metadata.message_type}'"
-    if "arrays" not in call.msg.content.array_records:
+    if not isinstance(call.msg.content.get("arrays"), ArrayRecord):  # (``.array_records`` is rebuilt per access)
         return "the message carries no 'arrays' record"
     if call.config.get(PLUGINS_KEY):  # a plugin the strategy enables (e.g. FedLD's margin loss)
         return f"the strategy enables client plugins ({call.config.get(PLUGINS_KEY)})"
@@ -168,6 +174,8 @@ class BatchedFit:
         self._warned = False
         self._logged = False
         self.calls = 0  # vectorised calls made (for tests and benchmarks)
+        self.stacked_calls = 0  # of which through the stacked path (batched_stacked.py), not vmap
+        self._layers: list | None | bool = False  # the stacked plan (False = not computed yet)
         self.clients = 0  # clients trained by them
         #: train messages left to the per-message path, by reason
         self.fallbacks: Counter[str] = Counter()
@@ -193,6 +201,7 @@ class BatchedFit:
             reason = (self.fallbacks.most_common(1)[0][0] if self.fallbacks
                       else "no push held two or more train messages")
         return {"used": self.clients > 0, "reason": reason, "when": self.when, "calls": self.calls,
+                "stacked_calls": self.stacked_calls, "vmap_calls": self.calls - self.stacked_calls,
                 "clients_batched": self.clients, "clients_per_client": sum(self.fallbacks.values()),
                 "per_client_reasons": dict(self.fallbacks.most_common(8))}
 
@@ -233,7 +242,7 @@ class BatchedFit:
                 return out
             why = message_reason(call)
             if why is None:
-                arrays = msg.content.array_records["arrays"]
+                arrays = msg.content["arrays"]
                 if id(arrays) not in decoded:
                     decoded[id(arrays)] = self._params_of(arrays)
                 init = decoded[id(arrays)]
@@ -307,34 +316,43 @@ class BatchedFit:
         size = max(1, min(self.max_chunk, self.chunk_bytes // max(per_client, 1)))
         return [clients[s:s + size] for s in range(0, len(clients), size)]
 
-    def _orders(self, clients: list[_Client]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global sample indices ``[T, B, C]`` (padding → 0) and the mask of real samples."""
+    def _orders(self, clients: list[_Client], client_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global sample indices ``[T, B, C]`` (``[T, C, B]`` if ``client_major``; padding → 0) and the
+        mask of real samples."""
         c = self.scenario.client
         bs = c.batch_size
         big_t = max((cl.steps for cl in clients), default=0)
         # no batch is wider than the largest client: pad to that, not to a large batch_size
         width = min(bs, max((int(cl.x.shape[0]) for cl in clients), default=1))
-        idx = torch.zeros((len(clients), big_t, width), dtype=torch.long)
-        real = torch.zeros((len(clients), big_t, width), dtype=torch.bool)
+        # built in NumPy (a few µs per small op, against ≈10 µs for a torch op), per client
+        idx = np.zeros((len(clients), big_t, width), dtype=np.int64)
+        real = np.zeros((len(clients), big_t, width), dtype=bool)
         offset = 0
         for j, cl in enumerate(clients):
             n = int(cl.x.shape[0])
             if cl.steps:
                 per_epoch = math.ceil(n / bs)
                 rng = cl.call.rng("train")
-                parts = []
-                for _ in range(math.ceil(cl.steps / per_epoch)):
-                    o = torch.full((per_epoch * bs,), -1, dtype=torch.long)
-                    o[:n] = torch.randperm(n, generator=rng)
-                    parts.append(o.view(per_epoch, bs))
-                o = torch.cat(parts)[:cl.steps, :width]  # (positions ≥ width are padding)
+                epochs = math.ceil(cl.steps / per_epoch)
+                o = np.full((epochs, per_epoch * bs), -1, dtype=np.int64)
+                for e in range(epochs):
+                    o[e, :n] = torch.randperm(n, generator=rng).numpy()
+                o = o.reshape(epochs * per_epoch, bs)[:cl.steps, :width]  # (positions ≥ width are padding)
                 ok = o >= 0
-                idx[j, :cl.steps] = torch.where(ok, o + offset, 0)
+                idx[j, :cl.steps] = np.where(ok, o + offset, 0)
                 real[j, :cl.steps] = ok
             offset += n
         # [T, B, C]: a step's batch is gathered sample-major, so vmap's grouped convolutions see
-        # contiguous ``[B, C·channels, H, W]`` inputs
-        return idx.permute(1, 2, 0).contiguous(), real.permute(1, 2, 0).contiguous()
+        # contiguous ``[B, C·channels, H, W]`` inputs; [T, C, B] for the stacked path's ``bmm``
+        dims = (1, 0, 2) if client_major else (1, 2, 0)
+        return (torch.from_numpy(np.ascontiguousarray(idx.transpose(dims))),
+                torch.from_numpy(np.ascontiguousarray(real.transpose(dims))))
+
+    def stacked_layers(self) -> list | None:
+        """The model's stacked plan (``batched_stacked.py``), or ``None``: the chunks run under ``vmap``."""
+        if self._layers is False:
+            self._layers, _ = stacked_plan(self.runtime.model)
+        return self._layers  # type: ignore[return-value]
 
     def _train_chunk(self, clients: list[_Client]) -> list[RecordDict]:
         runtime = self.runtime
@@ -347,8 +365,9 @@ class BatchedFit:
         bufs = [torch.zeros_like(p) for p in params] if cfg.momentum else []
         x_all = torch.cat([cl.x for cl in clients])
         y_all = torch.cat([cl.y for cl in clients])
-        idx, real = self._orders(clients)
-        seen = real.sum((0, 1)).tolist()  # real samples per client over all its steps
+        layers = self.stacked_layers()
+        idx, real = self._orders(clients, client_major=layers is not None)
+        seen = real.sum((0, 2 if layers is not None else 1)).tolist()  # real samples per client, all steps
         idx, real = idx.to(device), real.to(device)
         steps = torch.tensor([cl.steps for cl in clients])
         active = [int((steps > t).sum()) for t in range(idx.shape[0])]  # a prefix (sorted by steps)
@@ -361,7 +380,8 @@ class BatchedFit:
             loss = (ce * m).sum() / cnt
             return loss, out
 
-        step_fn = torch.vmap(torch.func.grad_and_value(client_loss, has_aux=True), in_dims=(0, 1, 1, 1, 0))
+        step_fn = None if layers is not None else \
+            torch.vmap(torch.func.grad_and_value(client_loss, has_aux=True), in_dims=(0, 1, 1, 1, 0))
         lr, mom, wd = cfg.lr, cfg.momentum, cfg.weight_decay
         was_training = model.training
         model.train()
@@ -369,15 +389,18 @@ class BatchedFit:
             for t, k in enumerate(active):
                 if k == 0:
                     break
-                rows = idx[t, :, :k]
-                mask = real[t, :, :k]
-                xb, yb = x_all[rows], y_all[rows]
-                cnt = mask.sum(0)
-                mf = mask.to(x_all.dtype)
-                cf = cnt.to(x_all.dtype)
                 ps = [p[:k] for p in params]
-                grads, (loss, out) = step_fn(tuple(ps), xb, yb, mf, cf)
-                grads = list(grads)
+                if step_fn is None:  # stacked: [k, B] rows, [k, B, classes] logits
+                    rows, mask = idx[t, :k], real[t, :k]
+                    xb, yb = x_all[rows], y_all[rows]
+                    cf = mask.sum(1).to(x_all.dtype)
+                    grads, loss, out = stacked_step(layers, ps, xb, yb, mask.to(x_all.dtype), cf)
+                else:  # vmap: [B, k] rows (sample-major), [k, B, classes] logits
+                    rows, mask = idx[t, :, :k], real[t, :, :k]
+                    xb, yb = x_all[rows], y_all[rows]
+                    cf = mask.sum(0).to(x_all.dtype)
+                    grads, (loss, out) = step_fn(tuple(ps), xb, yb, mask.to(x_all.dtype), cf)
+                    grads, yb, mask = list(grads), yb.t(), mask.t()
                 if wd:
                     grads = torch._foreach_add(grads, ps, alpha=wd)
                 if mom:
@@ -388,9 +411,10 @@ class BatchedFit:
                 torch._foreach_add_(ps, grads, alpha=-lr)
                 with torch.no_grad():
                     loss_sum[:k] += loss.detach() * cf
-                    correct[:k] += ((out.argmax(-1) == yb.t()) & mask.t()).sum(1)
+                    correct[:k] += ((out.argmax(-1) == yb) & mask).sum(1)
         finally:
             model.train(was_training)
+        self.stacked_calls += step_fn is None
         cpu = [p.detach().cpu() for p in params]
         losses, rights = loss_sum.cpu().tolist(), correct.cpu().tolist()
         keys = list(model.state_dict())

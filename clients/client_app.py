@@ -6,8 +6,16 @@ Actions
 ``train.<task>``     a strategy-specific client task registered in
                      :data:`fedsim.clients.tasks.CLIENT_TASKS`
 ``evaluate``         loss/accuracy of the received model on the client's own data
-``query.whoami``     the node's partition id, for a real deployment's server (the local and Ray
-                     engines know every node's partition and never send it)
+``query.whoami``     the node's partition id, for a deployment's server that does not know it (the
+                     local and Ray engines, ``flwr run`` simulations and ``fedsim deploy`` with node
+                     authentication know every node's partition and never send it)
+
+Another ClientApp as the clients (``run.client_app = "module:object"``, :func:`load_client_app`): the
+local and Ray engines run that app itself; where Flower loads fedsim's app by name (``flwr run``, the
+deployment engine), fedsim's app hands every message to it as it is (:class:`DelegatingClientApp`), so
+the app components in ``pyproject.toml`` stay fixed. fedsim's client side (plugins, client tasks,
+client-side faults, label noise) then does not run, so a scenario that asks for it is refused before
+the run (:func:`check_foreign_app`).
 
 The app is built after the registries are complete (the entry points resolve the scenario first,
 ``fedsim.catalog.resolve``); each action holds its task function itself, so a process that
@@ -21,7 +29,9 @@ across all the virtual clients it serves instead of rebuilding it per message.
 
 from __future__ import annotations
 
+import functools
 import threading
+from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -60,13 +70,96 @@ def handle_for_text(text: str) -> ScenarioHandle:
         return handle
 
 
+FEDSIM_APP = "fedsim"  #: what ``summary.json``'s ``client_app`` says when fedsim's own ClientApp served
+
+
+@functools.lru_cache(maxsize=8)
+def load_client_app(name: str) -> ClientApp:
+    """The ClientApp ``run.client_app`` names (``module:object``): a ``flwr.clientapp.ClientApp``, or a
+    zero-argument factory returning one (called once per process). A name that cannot be imported or
+    does not give a ClientApp is a :class:`~fedsim.errors.ConfigError` naming ``run.client_app``."""
+    from fedsim.errors import ConfigError
+    from fedsim.registry import import_object
+
+    obj = import_object(name, "run.client_app")
+    if not isinstance(obj, ClientApp) and callable(obj) and not isinstance(obj, type):
+        try:
+            obj = obj()
+        except Exception as err:  # noqa: BLE001 - the user's factory failed
+            raise ConfigError("run.client_app", f"the factory '{name}' raised {type(err).__name__}: {err}",
+                              "fix the factory so that calling it with no argument returns a ClientApp") from None
+    if not isinstance(obj, ClientApp):
+        raise ConfigError("run.client_app", f"'{name}' gives a {type(obj).__name__}, not a flwr.clientapp.ClientApp",
+                          "name a ClientApp object, or a function taking no argument that returns one")
+    return obj
+
+
+def describe_client_app(app: Any, scenario: Scenario) -> str:
+    """What ``summary.json`` records as ``client_app``: the scenario's ``run.client_app`` when it names the
+    app that serves, ``"fedsim"`` for fedsim's own, else the given object's class (passed from Python)."""
+    if app is None:
+        return scenario.run.client_app or FEDSIM_APP
+    if scenario.run.client_app and app is load_client_app(scenario.run.client_app):
+        return scenario.run.client_app
+    return f"python object ({type(app).__module__}.{type(app).__qualname__})"
+
+
+def check_foreign_app(scenario: Scenario, what: str) -> None:
+    """Refuse (:class:`~fedsim.errors.ConfigError`, ``run.client_app``) a scenario that asks fedsim's client
+    side for something another ClientApp (``what``) would not do: client plugins (DP-SGD included), a
+    strategy's own client task, client-side faults or label noise. Its results would claim them."""
+    from fedsim.errors import ConfigError
+    from fedsim.faults import OMNISCIENT_ATTACKS
+    from fedsim.strategies.base import STRATEGIES
+
+    strategy = STRATEGIES.get(scenario.strategy.name, key="strategy.name")
+    plugins = list(strategy.plugin_names(scenario))
+    asks = [f"client plugins {plugins}"] if plugins else []
+    action = getattr(strategy, "train_action", "train")
+    if action != "train":
+        asks.append(f"strategy '{scenario.strategy.name}' sends '{action}' messages (a fedsim client task)")
+    f = scenario.faults
+    client_side = {"faults.crash_clients": bool(f.crash_clients), "faults.dropout": f.dropout > 0,
+                   "faults.stragglers": f.stragglers > 0, "data.label_noise": scenario.data.label_noise > 0,
+                   "faults.attack": f.attack != "none" and f.attack not in OMNISCIENT_ATTACKS}
+    asks += [key for key, on in client_side.items() if on]
+    if asks:
+        raise ConfigError("run.client_app", f"{what} serves as the clients, so fedsim's client side does not run, "
+                          f"yet the scenario asks it for: {'; '.join(asks)}", "drop those settings, or leave "
+                          "run.client_app empty (and pass no client_app) to use fedsim's ClientApp")
+
+
+class DelegatingClientApp(ClientApp):
+    """fedsim's ClientApp that, when the scenario it serves names another ClientApp (``run.client_app``),
+    hands every message to that app as it is; ``named(context)`` gives that name ("" = fedsim's own)."""
+
+    def __init__(self, named) -> None:
+        super().__init__()
+        self._named = named
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        name = self._named(context)
+        if name:
+            return load_client_app(name)(message=message, context=context)
+        return super().__call__(message, context)
+
+
 def build_client_app(scenario: Scenario | None = None) -> ClientApp:
     """The ClientApp; with ``scenario=None`` it reads the scenario TOML from ``run_config``.
 
     Every task registered in :data:`CLIENT_TASKS` when it is built becomes the action ``train.<task>``.
+    A scenario naming another ClientApp (``run.client_app``) gets every message passed to that app.
     """
-    app = ClientApp()
     handle = ScenarioHandle(scenario) if scenario is not None else None
+
+    def _named(context: Context) -> str:
+        if handle is None:
+            from fedsim.app_config import scenario_text
+
+            return handle_for_text(scenario_text(context.run_config)).scenario.run.client_app
+        return handle.scenario.run.client_app
+
+    app = DelegatingClientApp(_named)
 
     def _call(msg: Message, context: Context) -> ClientCall:
         if handle is None:

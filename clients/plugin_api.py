@@ -299,8 +299,19 @@ class PluginStack:
         """Whether any plugin handles ``event``."""
         return bool(self._dispatch[event])
 
+    def hook(self, event: Event) -> Callable[[TrainState], None]:
+        """``fire`` bound to ``event`` for the loop's per-step events; a no-op where no plugin handles
+        ``event`` (the stack's subscriptions are fixed when it is built), so an unused event costs nothing."""
+        if not self._dispatch[event]:
+            return _nobody
+        return lambda state: self.fire(event, state)
+
     def __len__(self) -> int:
         return len(self.plugins)
+
+
+def _nobody(state: TrainState) -> None:
+    """What :meth:`PluginStack.hook` gives for an event no plugin handles."""
 
 
 def _order(plugins: list[ClientPlugin]) -> list[ClientPlugin]:

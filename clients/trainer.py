@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,18 +77,21 @@ def train_local(
         state.global_params = {k: v.detach().clone() for k, v in model.named_parameters()}
     plugins.fire(Event.INIT, state)
     plugins.fire(Event.ROUND_START, state)
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    tally = _Tally(x.device, defer=not plugins.plugins)
     step_owner = plugins.owner.get("step")
     forward_owner = plugins.owner.get("forward")
+    # the per-step events, each a no-op where no plugin handles it
+    on_batch, on_before_forward, on_after_forward, on_loss, on_after_backward, on_before_step, on_after_step = (
+        plugins.hook(e) for e in (Event.BATCH, Event.BEFORE_FORWARD, Event.AFTER_FORWARD, Event.LOSS,
+                                  Event.AFTER_BACKWARD, Event.BEFORE_STEP, Event.AFTER_STEP))
 
     def forward_loss(bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
         """BEFORE_FORWARD, forward, AFTER_FORWARD, loss terms, LOSS; the summed loss (also ``state.loss``)."""
-        plugins.fire(Event.BEFORE_FORWARD, state)
+        on_before_forward(state)
         state.outputs = state.model(bx)
-        plugins.fire(Event.AFTER_FORWARD, state)
+        on_after_forward(state)
         state.loss_terms = {"ce": state.loss_fn(state.outputs, by)}
-        plugins.fire(Event.LOSS, state)
+        on_loss(state)
         state.loss = state.loss_terms["ce"] if len(state.loss_terms) == 1 else sum(state.loss_terms.values())
         return state.loss
     start = progress
@@ -103,7 +107,7 @@ def train_local(
         for idx in batches:
             state.batch_indices = idx
             state.batch = (x[idx], y[idx])
-            plugins.fire(Event.BATCH, state)
+            on_batch(state)
             bx, by = state.batch
             if forward_owner is None:
                 loss = forward_loss(bx, by)
@@ -113,19 +117,16 @@ def train_local(
                 if plugins.trace is not None:
                     plugins.trace.append(("forward_backward", forward_owner.name))
                 forward_owner.forward_backward(state, forward_loss)
-            plugins.fire(Event.AFTER_BACKWARD, state)
-            plugins.fire(Event.BEFORE_STEP, state)
+            on_after_backward(state)
+            on_before_step(state)
             if step_owner is not None:
                 if plugins.trace is not None:
                     plugins.trace.append((Event.STEP.value, step_owner.name))
                 step_owner.on(Event.STEP, state)
             else:
                 state.optimizer.step()
-            plugins.fire(Event.AFTER_STEP, state)
-            with torch.no_grad():
-                if by.shape[0]:
-                    loss_sum += state.loss_terms["ce"].detach() * by.shape[0]
-                correct += (state.outputs.argmax(1) == by).sum()
+            on_after_step(state)
+            tally.add(state.loss_terms["ce"], state.outputs, by)
             state.samples_seen += int(by.shape[0])
             state.step += 1
             state.progress = start + progress_span * state.round_fraction()
@@ -138,9 +139,69 @@ def train_local(
         _probe(plugins, state)
     plugins.fire(Event.ROUND_END, state)
     seen = max(state.samples_seen, 1)
-    metrics = {"train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen}
+    loss_sum, correct = tally.totals()
+    metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
     metrics.update(state.metrics)
     return TrainResult(num_examples=n, steps=state.step, metrics=metrics)
+
+
+class _Tally:
+    """The round's training loss and accuracy without a device sync or reduction per step.
+
+    The loss is ``Σ loss·batch size`` as the float32 running sum ``loss_sum += loss * size`` in step
+    order would give it, to the bit: the steps' losses are kept (detached) and summed at the end in one
+    vectorised pass (float32 products, then a sequential float32 accumulation; losses of another dtype
+    take the per-step operations themselves). Correct predictions are counted every :attr:`EVERY` steps
+    over the kept outputs and labels (``argmax`` is row by row, so one call over the stacked rows is
+    exact); with ``defer=False`` (plugins run, which might reuse those tensors) every step is counted
+    at once. Nothing syncs with the device before :meth:`totals`.
+    """
+
+    EVERY = 32
+
+    def __init__(self, device: torch.device, defer: bool) -> None:
+        self.device = device
+        self.every = self.EVERY if defer else 1
+        self.counts: list[torch.Tensor] = []  # correct predictions of the steps counted so far
+        self.losses: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+        self.outputs: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> None:
+        if labels.shape[0]:  # an empty batch's loss is NaN and weighs nothing
+            self.losses.append(loss.detach())
+            self.sizes.append(labels.shape[0])
+        self.outputs.append(outputs.detach())
+        self.labels.append(labels)
+        if len(self.outputs) >= self.every:
+            self._count()
+
+    def _count(self) -> None:
+        if len(self.outputs) == 1:
+            self.counts.append((self.outputs[0].argmax(1) == self.labels[0]).sum())
+        elif self.outputs:
+            self.counts.append((torch.cat(self.outputs).argmax(1) == torch.cat(self.labels)).sum())
+        self.outputs, self.labels = [], []
+
+    def _loss_sum(self) -> float:
+        if not self.losses:
+            return 0.0
+        if torch.get_default_dtype() == torch.float32 and all(  # the running sum's dtype, as it always was
+                t.dtype == torch.float32 and t.dim() == 0 for t in self.losses):
+            products = torch.stack(self.losses).cpu().numpy() * np.asarray(self.sizes, dtype=np.float32)
+            return float(np.add.accumulate(np.concatenate((np.zeros(1, np.float32), products)))[-1])
+        total = torch.zeros((), device=self.device)
+        for loss, size in zip(self.losses, self.sizes):
+            total += loss * size
+        return float(total)
+
+    def totals(self) -> tuple[float, int]:
+        """``(Σ loss·batch size, correct predictions)`` over every step added."""
+        self._count()
+        counts = self.counts
+        correct = int(counts[0]) if len(counts) == 1 else int(torch.stack(counts).sum()) if counts else 0
+        return self._loss_sum(), correct
 
 
 def _probe(plugins: PluginStack, state: TrainState) -> None:

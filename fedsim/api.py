@@ -104,7 +104,7 @@ def load_scenario(source: Source, overrides: Mapping[str, Any] | Sequence[str] |
 # ---------------------------------------------------------------------------------------- running
 def run(scenario: Source, *, out: str | os.PathLike | None = None, overwrite: bool = False,
         overrides: Mapping[str, Any] | Sequence[str] | None = None, progress: bool = False,
-        **keyword_overrides: Any) -> Run:
+        client_app: Any = None, **keyword_overrides: Any) -> Run:
     """Run a scenario, as ``fedsim run`` does, and return its :class:`Run`.
 
     Parameters
@@ -120,6 +120,10 @@ def run(scenario: Source, *, out: str | os.PathLike | None = None, overwrite: bo
         Report progress on stderr as ``fedsim run`` does (a bar on a terminal, one line per round
         otherwise; ``fedsim.progress``); off by default from Python. A scenario with
         ``run.progress = false`` stays silent, as under ``fedsim run``.
+    client_app
+        The clients' Flower ClientApp: a ``"module:object"`` name (sets ``run.client_app``; every engine),
+        or a ``flwr.clientapp.ClientApp`` object (local and Ray engines). Default: the scenario's
+        ``run.client_app``, else fedsim's own.
 
     Raises
     ------
@@ -135,11 +139,21 @@ def run(scenario: Source, *, out: str | os.PathLike | None = None, overwrite: bo
     if overwrite and out is None:
         raise RunDirectoryError("overwrite=True replaces the run in `out`, but no out was given",
                                 "pass out=PATH, or drop overwrite")
+    app_object = None
+    if isinstance(client_app, str):
+        keyword_overrides["run__client_app"] = client_app
+    elif client_app is not None:
+        from flwr.clientapp import ClientApp
+
+        if not isinstance(client_app, ClientApp):
+            raise ConfigError("client_app", f"got a {type(client_app).__name__}", "pass a flwr.clientapp.ClientApp "
+                              "or its \"module:object\" name")
+        app_object = client_app
     scen = load_scenario(scenario, overrides, **keyword_overrides)
     _quiet_flower()
     out_dir = prepare_out_dir(out, overwrite) if out is not None else default_run_dir(scen)
     try:
-        _execute(scen, out_dir, RunProgress.for_stderr(quiet=not progress))
+        _execute(scen, out_dir, RunProgress.for_stderr(quiet=not progress), client_app=app_object)
     except BaseException as err:
         _drop_if_empty(out_dir)  # refused before anything was written: leave no empty directory
         if isinstance(err, FedSimError) and (out_dir / "summary.json").is_file():

@@ -16,6 +16,11 @@ Keys of ``[tool.flwr.app.config]`` in ``pyproject.toml``, each overridable with
 ``out-dir``
     The run directory the ServerApp writes (a path on the SuperLink's machine); empty: a new
     directory under ``run.output`` (:func:`fedsim.results.create_run_dir`).
+``node-partitions``
+    Optional, deployments only: ``NODE_ID:PARTITION_ID/NUM_PARTITIONS`` per SuperNode, comma-separated,
+    as each node's ``--node-config`` says; the ServerApp then maps nodes without ``query.whoami`` and
+    refuses a node not listed (:mod:`fedsim.strategies.node_directory`). ``fedsim deploy`` writes it
+    when node authentication is on (the node ids are known before the run).
 
 The ServerApp and every ClientApp read these same keys with :func:`scenario_from_run_config`, so
 all of them build the same scenario; a key they cannot use is a :class:`~fedsim.errors.ConfigError`
@@ -37,7 +42,7 @@ from fedsim.config import Scenario, dumps_scenario, read_scenario_text, scenario
 from fedsim.errors import ConfigError
 
 #: the run-config keys the Flower app reads
-RUN_CONFIG_KEYS = ("scenario", "overrides", "out-dir")
+RUN_CONFIG_KEYS = ("scenario", "overrides", "out-dir", "node-partitions")
 _ITEM_START = re.compile(r"[;\s]+(?=[A-Za-z_][\w-]*(?:\.[\w-]+)+\s*=)")
 _HOW = ("set it in [tool.flwr.app.config] of pyproject.toml or with flwr run . --run-config "
         "'scenario=\"default\"' (a built-in name, or a path relative to the app directory)")

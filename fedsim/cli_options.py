@@ -3,6 +3,7 @@
 ``--format`` takes ``text`` or ``json``; anything else is refused with a
 :class:`~fedsim.errors.ConfigError` naming ``--format`` and the choices, before the command runs.
 ``--quiet`` turns off what a run prints on stderr while it runs (:mod:`fedsim.progress`).
+``--client-app module:object`` names the clients' Flower ClientApp (``run.client_app``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import typer
 
 from fedsim.errors import ConfigError
 
-__all__ = ["FORMATS", "Format", "Quiet", "check_format", "keep_argument_help"]
+__all__ = ["FORMATS", "ClientAppName", "Format", "Quiet", "check_format", "keep_argument_help"]
 
 #: the output formats every command offers (``json`` on stdout, for scripts)
 FORMATS = ("text", "json")
@@ -29,6 +30,9 @@ def check_format(value: str) -> str:
 
 Format = Annotated[str, typer.Option("--format", help="output format: text or json (json goes to stdout)",
                                      callback=check_format)]
+ClientAppName = Annotated[str | None, typer.Option(
+    "--client-app", help="the clients' Flower ClientApp as module:object (a ClientApp or a factory returning one; "
+    "sets run.client_app; default: fedsim's own); it must be importable where clients run")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print no progress on stderr (no bar, no line per "
                                      "round, no status lines); errors and the summary still print")]
 

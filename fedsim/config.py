@@ -70,6 +70,11 @@ class RunConfig(_Section):
         False, description="refuse, before round 1, a federation in which some of the data.num_clients "
         "partitions have no node (by default such partitions are a warning and never train)")
     progress: bool = True
+    client_app: str = Field(
+        "", pattern=r"^([A-Za-z_][\w.]*:[A-Za-z_][\w.]*)?$", description="the clients' Flower ClientApp as "
+        "'module:object' (a flwr.clientapp.ClientApp or a zero-argument factory returning one); empty = fedsim's "
+        "own. Every engine serves it (deploy and flwr run through fedsim's ClientApp, which hands it every "
+        "message); it must be importable wherever clients run")
     log: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description="tracking sinks fed every round's metrics and ε (fedsim/sinks.py); "
         "a sink whose package is missing is refused when the run starts, before it writes anything")
@@ -349,6 +354,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
             if not isinstance(node, dict):
                 raise ConfigError(path, f"'{part}' is a value, not a section")
         node[parts[-1]] = parse_value(value.strip())
+    from fedsim.config_switch import drop_switched_options  # a switched strategy/partitioner sheds old options
+
+    drop_switched_options(raw, out, {i.split("=", 1)[0].strip() for i in overrides or []})
     return out
 
 

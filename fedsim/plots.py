@@ -1,8 +1,11 @@
 """Plots of a run directory, drawn from its saved files (so ``fedsim plot RUN_DIR`` can redraw them).
 
-Every figure is a Matplotlib ``Figure`` on the Agg canvas (headless, no global backend change); the
-``draw_*`` functions return it so tests can read its axes. Run plots are titled with the scenario's
-``run.name`` and ``strategy.name`` (from ``config.toml``) and have integer round ticks. The ε plot
+Every figure is a Matplotlib ``Figure`` on the Agg canvas (headless, no global backend change, no
+``pyplot``); the ``draw_*`` functions return it so tests can read its axes. The one-axes figures have
+fixed margins (:data:`MARGINS`) instead of a layout engine: a layout engine makes ``savefig`` draw
+every figure twice (once to measure, once to render), which was most of a short run's plotting time.
+Run plots are titled with the scenario's ``run.name`` and ``strategy.name`` (from ``config.toml``;
+:func:`_title` keeps a long title whole) and have integer round ticks. The ε plot
 draws one curve per mechanism, each in its own colour, line style and marker (mechanisms with the
 very same ε every round, such as the two released counters, share one curve named after both), the
 total, and the budget ``privacy.max_epsilon`` (and ``privacy.target_epsilon``) as horizontal lines.
@@ -29,13 +32,40 @@ PARTICIPATION = (("replied", ("ok",)), ("sat out / straggler", ("sat-out", "stra
                                                                                            "invalid")))
 
 
+#: margins around the axes in inches: the title (and an axis offset such as ``1e100``) above, the tick
+#: labels and axis label below and to the left (tick labels up to about seven characters wide)
+MARGINS = {"left": 0.85, "right": 0.15, "bottom": 0.52, "top": 0.5}
+
+
 def _figure(width: float = 5.4, height: float = 3.4) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    m = MARGINS
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width, bottom=m["bottom"] / height,
+                        top=1 - m["top"] / height)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _title(ax: Any, text: str) -> None:
+    """Title ``ax``; a title wider than the figure is broken onto two lines (if one line would need a font
+    under 8 pt) and set smaller until it fits, so it is never cut off (one text measured, no layout pass)."""
+    title = ax.set_title(text)
+    fig = ax.get_figure()
+    renderer = fig.canvas.get_renderer()
+    centre = (ax.bbox.x0 + ax.bbox.x1) / 2
+    room = 2 * min(centre, fig.bbox.width - centre) - 6  # pixels, centred over the axes
+    size = title.get_fontsize()
+    width = title.get_window_extent(renderer).width
+    if width <= room:
+        return
+    if size * room / width < 8.0 and " " in text:  # break at the space nearest the middle
+        cut = min((i for i, ch in enumerate(text) if ch == " "), key=lambda i: abs(i - len(text) / 2))
+        title.set_text(text[:cut] + "\n" + text[cut + 1:])
+        width = title.get_window_extent(renderer).width
+    title.set_fontsize(size * min(1.0, room / width))
 
 
 def _round_axis(ax: Any) -> None:
@@ -71,7 +101,7 @@ def draw_metric(rows: list[dict], key: str, label: str, title: str) -> Any:
         ax.plot(*_series(rows, "train_loss"), marker=".", ms=3, ls="--", label="train loss (clients)")
     _round_axis(ax)
     ax.set_ylabel(label.replace("test loss", "loss"))
-    ax.set_title(f"{title}: {label}")
+    _title(ax, f"{title}: {label}")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -100,7 +130,7 @@ def draw_participation(clients: list[dict], title: str) -> Any:
     _round_axis(ax)
     ax.set_ylabel("clients")
     ax.set_ylim(0, max(bottom + [1]) * 1.35)
-    ax.set_title(f"{title}: participation")
+    _title(ax, f"{title}: participation")
     if rounds:
         ax.legend(loc="upper right", fontsize=7, ncol=2)
     return fig
@@ -131,7 +161,7 @@ def draw_epsilon(privacy: list[dict], title: str, budget: float = 0.0, target: f
     _round_axis(ax)
     delta = next((p.get("delta") for p in privacy if p.get("delta")), None)
     ax.set_ylabel(f"ε (δ = {delta:g})" if delta else "ε")
-    ax.set_title(f"{title}: privacy spent")
+    _title(ax, f"{title}: privacy spent")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig

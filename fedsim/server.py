@@ -97,7 +97,8 @@ def request_stop() -> None:
 
 
 def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engine: str | None = None,
-                   on_round: RoundCallback | None = None, resume: bool = False) -> dict[str, Any]:
+                   on_round: RoundCallback | None = None, resume: bool = False,
+                   client_app: str | None = None) -> dict[str, Any]:
     """Run the scenario's rounds on ``grid`` and write the run directory. Returns the summary.
 
     ``summary.json`` always says how the run ended: ``completed``; ``stopped: <Error>`` for a typed
@@ -109,7 +110,9 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
     a warning (``summary.json``: ``partitions_never_trained``), or a refusal with
     ``run.require_all_partitions``. With ``resume=True`` the run continues in ``out_dir``
     after its latest checkpoint (model, strategy, privacy ledger and every node's ``context.state``;
-    the grid must offer ``restore_state``, as the local engine's does).
+    the grid must offer ``restore_state``, as the local engine's does). ``summary.json``'s ``client_app``
+    says which ClientApp served: ``client_app`` as the engine describes it, else ``run.client_app``, else
+    ``"fedsim"``.
     """
     _STOP.clear()
     strategy = make_strategy(scenario)
@@ -207,7 +210,8 @@ def run_federation(grid: Grid, scenario: Scenario, out_dir: str | Path, *, engin
                    "privacy": None if scenario.privacy.mechanism == "none" else {  # σ as run (target: calibrated)
                        "mechanism": scenario.privacy.mechanism, "noise_multiplier": scenario.privacy.noise_multiplier,
                        "target_epsilon": scenario.privacy.target_epsilon or None},
-                   "error": str(error) if error else None, "error_type": error_type}
+                   "error": str(error) if error else None, "error_type": error_type,
+                   "client_app": client_app or scenario.run.client_app or "fedsim"}
         if callable(getattr(grid, "vectorized", None)):  # the local engine: did the batched path train?
             summary["vectorized"] = grid.vectorized()
         summary = rec.finish(summary)
@@ -385,7 +389,8 @@ def _client_records(rnd: int, strategy: FedSimStrategy, wire: dict[int, tuple[in
 
 def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | None = None,
                      engine: str | None = None, on_round: RoundCallback | None = None,
-                     result: dict[str, Any] | None = None, resume: bool = False) -> ServerApp:
+                     result: dict[str, Any] | None = None, resume: bool = False,
+                     client_app: str | None = None) -> ServerApp:
     """The ServerApp. With ``scenario=None`` it reads the scenario, its overrides and the output
     directory from the run config (``scenario``, ``overrides``, ``out-dir``: :mod:`fedsim.app_config`),
     as under ``flwr run``; a key it cannot use stops the run before round 1 with a
@@ -407,7 +412,8 @@ def build_server_app(scenario: Scenario | None = None, out_dir: str | Path | Non
         name = engine or (scen.run.engine if scenario is not None or scen.run.engine == "deploy" else "flwr-run")
         _LOG.info("fedsim: scenario '%s', %d rounds, run directory %s", scen.run.name, scen.run.rounds,
                   Path(out).resolve())
-        summary = run_federation(grid, scen, out, engine=name, on_round=on_round, resume=resume)
+        summary = run_federation(grid, scen, out, engine=name, on_round=on_round, resume=resume,
+                                 client_app=client_app)
         _LOG.info("fedsim: %s; summary in %s", summary.get("status"), Path(summary["run_dir"]) / "summary.json")
         if result is not None:
             result.update(summary)

@@ -19,8 +19,9 @@ One run (a *trial*) is the smallest release that carries the claim, where the au
   neighbours); with fixed-size sampling it sends the opposite update (replace-one neighbours, the
   relation the fixed-size event is accounted under).
 * ``dp-sgd`` — one local DP-SGD step of client 0 through :func:`fedsim.clients.trainer.train_local`
-  with the ``dp_sgd`` plugin (Opacus ``GradSampleModule`` and ``DPOptimizer``, Poisson batches at
-  rate ``q``) from the initial global model. The canary is one extra training sample, a white-box
+  with the ``dp_sgd`` plugin (its ``auto`` grad-sample mode: ``ghost_linear`` for the MLP, Opacus
+  ``GradSampleModule`` and ``DPOptimizer`` otherwise; Opacus's noise draw in every mode; Poisson batches
+  at rate ``q``) from the initial global model. The canary is one extra training sample, a white-box
   *gradient canary*: its input is non-zero only on features that are zero in every sample of the
   client (so in the first layer only the canary has gradient there), its scale, direction and label
   are chosen so that most of its per-sample gradient lies on parameters no other sample touches, and

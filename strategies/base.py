@@ -1,9 +1,10 @@
 """Common base of fedsim strategies: a ``flwr.serverapp.strategy.Strategy`` with the parts every
 algorithm needs and Flower leaves out, as one template (Flower's ``Strategy`` is the anchor).
 
-* Nodes are mapped to partition ids without contacting them where the engine knows the mapping
-  (local and Ray grids expose ``node_partitions``, the node configs' ``partition-id``); only on a
-  real deployment is a node not yet known asked once (``query.whoami``). Sampling is seeded and done
+* Nodes are mapped to partition ids without contacting them where the grid knows the mapping
+  (``node_partitions``: local and Ray engines, ``flwr run`` simulations, ``fedsim deploy`` with node
+  authentication; :mod:`fedsim.strategies.node_directory`); only on a deployment whose node ids
+  were not known in advance is a node not yet known asked once (``query.whoami``). Sampling is seeded and done
   over partition ids, so results do not depend on random node ids, engine or reply order.
 * Sampling waits for enough nodes with a deadline (``QuorumError`` after it), never forever.
 * Every reply is validated (keys, shapes, dtypes, finiteness, weights) before aggregation; a bad
@@ -54,10 +55,11 @@ from fedsim.options import build_options
 from fedsim.registry import Registry
 from fedsim.rng import numpy_rng
 from fedsim.clients.tasks import PLUGINS_KEY
+from fedsim.strategies.node_directory import grid_claims
 from fedsim.strategies.records import (  # noqa: F401  (the records every strategy imports from here)
     ClientUpdate, FailureRecord, NoOptions, ServerStepOptions, require_mechanism, weighted_metrics)
 from fedsim.strategies.replies import decode_sign_reply, expect_array, expect_count
-from fedsim.wire import from_numpy, to_numpy
+from fedsim.wire import array_record, from_numpy, to_numpy
 
 STRATEGIES: Registry = Registry("strategy")
 
@@ -110,12 +112,14 @@ class FedSimStrategy(Strategy):
     def discover(self, grid: Grid) -> None:
         """Map new nodes to partition ids; one node per partition.
 
-        A grid that knows its nodes' partitions (``grid.node_partitions``: the local engine's and the
-        Ray engine's, both taken from the node configs the engine assigned) is read as it is, with no
-        message at all; a node it does not list yet is left for a later call. Only a grid without
-        that mapping (a real deployment, where ``partition-id`` is each SuperNode's own node config)
-        gets one ``query.whoami`` per node not yet known or refused; a node that could not answer
-        is asked again on the next call.
+        A grid that knows its nodes' partitions (``grid.node_partitions``, taken from the node configs
+        the engine assigned: local, Ray, ``flwr run`` simulation, ``fedsim deploy`` with node
+        authentication; see :func:`~fedsim.strategies.node_directory.grid_claims`) is read as it is, with
+        no message at all; a node it does not list yet is left for a later call, or, when its mapping is
+        complete (``node_partitions_complete``), refused as ``unlisted-node``. Only a grid without that
+        mapping (a deployment whose node ids were not known in advance, where ``partition-id`` is each
+        SuperNode's own node config) gets one ``query.whoami`` per node not yet known or refused; a node
+        that could not answer is asked again on the next call.
 
         The first node to claim a partition keeps it (among new claimants of one call: the earliest
         activated, per the grid's ``NodeInfo.last_activated_at``, then the grid's order). A later
@@ -131,10 +135,14 @@ class FedSimStrategy(Strategy):
         order = [n for n in grid.get_node_ids() if n not in self.directory and n not in refused]
         if not order:
             return
-        known = getattr(grid, "node_partitions", None)  # local and Ray engines: from the node configs
+        known = grid_claims(grid, order, self.num_partitions)  # the node configs, where the grid knows them
         claims: dict[int, tuple[Any, Any]] = {}  # node -> (partition id, num-partitions) as reported
         if known is not None:
-            claims = {n: (known[n], self.num_partitions) for n in order if n in known}
+            claims, unlisted = known
+            for node in unlisted:
+                refused[node] = (f"node {node} is not in this federation's node directory (the nodes whose "
+                                 "partition the engine assigned); refused: it holds no partition")
+                self.failures.append(FailureRecord(self.server_round, None, node, "unlisted-node", refused[node]))
         else:
             msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.whoami")
                     for n in order]
@@ -146,7 +154,8 @@ class FedSimStrategy(Strategy):
                     m = reply.content.metric_records.get("metrics") or {}
                     claims[reply.metadata.src_node_id] = (m.get("partition-id"), m.get("num-partitions", 0))
         activated: dict[int, float] = {}
-        if len(claims) > 1 and known is None:
+        contested = known is None or len({pid for pid, _ in claims.values()}) < len(claims)
+        if len(claims) > 1 and contested:  # who came first decides a partition two nodes claim
             for info in grid.get_nodes():
                 try:
                     activated[info.node_id] = datetime.fromisoformat(info.last_activated_at).timestamp()
@@ -193,9 +202,10 @@ class FedSimStrategy(Strategy):
                     f"only {len(by_pid)} of the {needed} clients needed were reachable after "
                     f"{self.timeout:.0f} s{why}",
                     "start more nodes, lower strategy.min_train_clients, or raise run.round_timeout"
-                    + ("; on a deployment every SuperNode's ClientApp must answer query.whoami with its "
-                       "partition-id (fedsim's ClientApp does; a vanilla one serves on the local and Ray "
-                       "engines)" if silent else ""),
+                    + ("; on a deployment whose node ids were not known in advance every SuperNode's "
+                       "ClientApp must answer query.whoami with its partition-id (fedsim's ClientApp does; "
+                       "another one serves where the node ids are known: local, Ray, flwr run simulation, "
+                       "fedsim deploy with node authentication)" if silent else ""),
                 )
             time.sleep(0.5)
 
@@ -229,9 +239,9 @@ class FedSimStrategy(Strategy):
         picks = self.sample(server_round, grid)
         self.sampled = [p for p, _ in picks]
         msgs = []
+        common = {**dict(config), "server-round": server_round, PLUGINS_KEY: self.plugin_list}
         for pid, node in picks:
-            cfg = ConfigRecord({**dict(config), "server-round": server_round, PLUGINS_KEY: self.plugin_list,
-                                **self.train_config(server_round, pid)})
+            cfg = ConfigRecord({**common, **self.train_config(server_round, pid)})
             content = RecordDict({"arrays": self.train_arrays(server_round, pid, arrays), "config": cfg,
                                   **self.train_records(server_round, pid)})
             msgs.append(Message(content, dst_node_id=node, message_type=self.train_action))
@@ -333,10 +343,11 @@ class FedSimStrategy(Strategy):
     def parse_reply(self, content: RecordDict, metrics: dict[str, Any], pid: int) -> list[np.ndarray]:
         """Turn a reply's content into the arrays :meth:`aggregate` gets, or raise
         :class:`ClientUpdateError`. By default: the full model under ``reply_array_key``."""
-        if self.reply_array_key not in content.array_records:
+        record = content.get(self.reply_array_key)
+        if not isinstance(record, ArrayRecord):
             raise ClientUpdateError(pid, self.reply_array_key, "missing from the reply",
                                     "the client task must return an ArrayRecord under this key")
-        keys = list(content.array_records[self.reply_array_key].keys())
+        keys = list(record.keys())
         if keys != self.keys:
             missing = sorted(set(self.keys) - set(keys))
             extra = sorted(set(keys) - set(self.keys))
@@ -354,7 +365,7 @@ class FedSimStrategy(Strategy):
         self.current = [to_numpy(arrays[k]) for k in self.keys]
 
     def to_record(self, arrays: list[np.ndarray]) -> ArrayRecord:
-        return ArrayRecord({k: from_numpy(a) for k, a in zip(self.keys, arrays)})
+        return array_record({k: from_numpy(a) for k, a in zip(self.keys, arrays)})
 
     def record_failure(self, server_round: int, pid: int | None, kind: str, reason: str, node: int = 0) -> None:
         """Record a client (``pid``) or round-level (``pid=None``) failure of this round."""
@@ -373,7 +384,8 @@ class FedSimStrategy(Strategy):
                 self.failures.append(FailureRecord(server_round, pid, node, "error", str(r.error.reason)[-500:]))
                 continue
             try:
-                metrics = dict(r.content.metric_records["metrics"]) if "metrics" in r.content.metric_records else {}
+                rec = r.content.get("metrics")  # (``content.metric_records`` is a view Flower rebuilds per access)
+                metrics = dict(rec) if isinstance(rec, MetricRecord) else {}
                 pid = self._reply_partition(node, pid, metrics.get("partition-id"))
                 if metrics.get("sat-out"):  # the client chose not to contribute (e.g. no confident sample)
                     self.failures.append(FailureRecord(server_round, pid, node, "sat-out",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim.errors import ClientUpdateError
 from fedsim.wire import to_numpy
@@ -25,10 +25,10 @@ def expect_array(content: RecordDict, pid: int, record: str, array: str, *, dtyp
                  hint: str = "client and server must build the same model") -> np.ndarray:
     """The array ``record.array`` of a reply, checked: present, header consistent with its payload,
     exact ``dtype`` (or dtype ``kind``), ``shape``, and finite (floats)."""
-    if record not in content.array_records:
+    rec = content.get(record)  # not ``content.array_records``: Flower rebuilds that view on every access
+    if not isinstance(rec, ArrayRecord):
         raise ClientUpdateError(pid, record, "missing from the reply",
                                 f"the client task must return an ArrayRecord '{record}'")
-    rec = content.array_records[record]
     field = f"{record}.{array}"
     if array not in rec:
         raise ClientUpdateError(pid, field, "missing from the reply", f"the record '{record}' must hold '{array}'")
@@ -69,9 +69,9 @@ def decode_sign_reply(content: RecordDict, pid: int, shapes: dict[str, tuple[int
     from fedsim.sign_codec import CODEC_RECORD, KEYS_FIELD, SCALES_FIELD, unpack_signs
     from fedsim.wire import from_numpy
 
-    if CODEC_RECORD not in content.config_records:
+    codec = content.get(CODEC_RECORD)  # (``content.config_records`` is a view Flower rebuilds per access)
+    if not isinstance(codec, ConfigRecord):
         return content
-    codec = content.config_records[CODEC_RECORD]
     keys, scales = codec.get(KEYS_FIELD), codec.get(SCALES_FIELD)
     hint = "send packed replies through fedsim.sign_codec.encode_arrays"
     if (not isinstance(keys, list) or not isinstance(scales, list) or len(keys) != len(scales)

@@ -6,6 +6,8 @@ its metadata, its ``RecordDict``, each record, each ``Array`` and its chunks), e
 message (objects with the same content, hence the same id, travel once per message). The size of a
 message here is the sum of ``len(obj.deflate())`` over ``get_all_nested_objects(message)``: the
 payload Flower pushes and pulls for it, without the gRPC/TLS framing and request envelopes.
+:func:`message_bytes` computes that sum from lengths (``fedsim.strategies.wire_size``) and equals
+:func:`message_bytes_reference`, which deflates and hashes every object, integer for integer.
 
 :class:`MeteredGrid` wraps the grid the ServerApp is given, so every exchange is counted on every
 strategy and engine (train, evaluate, extra exchanges such as SemiFL's static BN or ScaleCom's index
@@ -20,11 +22,27 @@ from typing import Any
 
 from flwr.app import Message
 
-__all__ = ["message_bytes", "WireMeter", "MeteredGrid"]
+from fedsim.strategies.wire_size import fast_message_bytes
+
+__all__ = ["message_bytes", "message_bytes_reference", "WireMeter", "MeteredGrid"]
 
 
 def message_bytes(msg: Message, cache: dict[str, int] | None = None) -> int:
-    """Serialised size of ``msg`` in bytes: ``Σ len(deflate())`` over its inflatable object tree.
+    """Serialised size of ``msg`` in bytes: ``Σ len(deflate())`` over its distinct inflatable objects.
+
+    Computed from lengths (:func:`fedsim.strategies.wire_size.fast_message_bytes`: no deflation, no
+    hashing); a message holding anything those rules do not cover exactly is measured with
+    :func:`message_bytes_reference` instead (``cache`` is used only there). Both give the same
+    integer for every message (a property test checks it).
+    """
+    try:
+        return fast_message_bytes(msg)
+    except Exception:  # Unsupported, or a value Flower itself may refuse: let the reference decide
+        return message_bytes_reference(msg, cache)
+
+
+def message_bytes_reference(msg: Message, cache: dict[str, int] | None = None) -> int:
+    """``Σ len(deflate())`` over ``get_all_nested_objects(msg)``, as Flower deflates and hashes them.
 
     ``cache`` (object id -> size) lets messages that share content (the global model sent to every
     client) be deflated once; ids are content hashes, so a hit is the same bytes.

@@ -34,3 +34,14 @@ def tiny(overrides: list[str] | None = None, **sections):
 @pytest.fixture
 def tiny_scenario():
     return tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the slow end-to-end tests (deployments, Ray, audits) first.
+
+    With several xdist workers the queue is then longest-first: the minutes-long tests start at
+    once on every worker and the many sub-second tests fill the gaps at the end, instead of one
+    worker finishing a deployment file alone while the other is idle. The sort is stable, so the
+    order within each group is the collection order (the same on every worker, as xdist needs).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

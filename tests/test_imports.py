@@ -24,7 +24,7 @@ HEAVY = ("ray", "opacus", "dp_accounting", "matplotlib", "pandas", "flwr.simulat
 #: runs the commands given as JSON in argv[1] one after another in this process and writes to argv[2],
 #: after each one, its exit code, the heavy packages loaded so far and who imported each first
 PROBE = r"""
-import json, sys, traceback
+import gc, json, sys, traceback
 HEAVY = %(heavy)r
 first = {}
 
@@ -51,17 +51,18 @@ for args in commands:
     except SystemExit as exc:
         code = exc.code or 0
     loaded = sorted(m for m in HEAVY if m in sys.modules)
-    report.append({"args": args, "code": code, "loaded": loaded, "by": {m: first.get(m) for m in loaded}})
+    report.append({"args": args, "code": code, "loaded": loaded, "by": {m: first.get(m) for m in loaded},
+                   "gc": {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}})
 with open(out, "w") as fh:
     json.dump(report, fh)
 """
 
 
-def probe(commands: list[list[str]], tmp_path: Path) -> tuple[list[dict], str]:
-    """Run ``commands`` in order in one fresh interpreter: one report per command (cumulative imports),
-    and what they printed on stderr."""
+def probe(commands: list[list[str]], tmp_path: Path, heavy: tuple[str, ...] = HEAVY) -> tuple[list[dict], str]:
+    """Run ``commands`` in order in one fresh interpreter: one report per command (cumulative imports of
+    the ``heavy`` packages), and what they printed on stderr."""
     out = tmp_path / "imports.json"
-    script = PROBE % {"heavy": HEAVY}
+    script = PROBE % {"heavy": heavy}
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "100"}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(commands), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -101,3 +102,22 @@ def test_a_non_private_run_imports_no_privacy_library_and_no_ray_and_quiet_print
     assert report["loaded"] == ["matplotlib"], report  # the run's plots: the probe sees what a run does import
     assert (tmp_path / "run" / "summary.json").is_file()
     assert not [x for x in stderr.splitlines() if x.startswith(("round ", "fedsim: "))], stderr  # --quiet
+
+
+#: what round 1 of a default run once imported (issue 13): torch.func's first call imports torch._dynamo
+#: (≈800 modules with sympy and mpmath, seconds), the digits loader imported scikit-learn and SciPy
+ROUND_ONE = ("torch._dynamo", "torch._inductor", "sympy", "sklearn", "scipy")
+
+
+@pytest.mark.slow
+def test_a_default_run_imports_no_dynamo_sympy_or_scikit_learn(tmp_path):
+    """The default scenario's batched MLP clients train on the stacked path (clients/batched_stacked.py,
+    no torch.func) and the digits come from scikit-learn's bundled file, not from importing it."""
+    run = ["run", "scenarios/default.toml", "--set", "run.rounds=2", "--out", str(tmp_path / "run"), "--quiet"]
+    (report,), _ = probe([run], tmp_path, heavy=ROUND_ONE)
+    assert_not_imported(report, ROUND_ONE)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert summary["vectorized"]["used"] and summary["vectorized"]["clients_batched"] == 20  # 2 rounds × 10
+    # fedsim.cli._start_up: no collection during the start-up imports, then they are frozen; collection is on again
+    assert report["gc"]["enabled"] and report["gc"]["frozen"] > 10_000, report["gc"]

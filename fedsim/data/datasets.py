@@ -164,17 +164,48 @@ def split_train_test(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np
     return train, test
 
 
+#: scikit-learn's bundled digits file, inside the installed ``sklearn`` package
+DIGITS_FILE = ("datasets", "data", "digits.csv.gz")
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``(data, target)`` exactly as ``sklearn.datasets.load_digits()`` returns them: ``float64`` pixels
+    ``(1797, 64)`` in ``0..16`` and ``int64`` labels.
+
+    ``load_digits`` parses scikit-learn's bundled ``digits.csv.gz`` (64 pixel columns and the label)
+    with ``numpy.loadtxt``; so does this, reading the file from where ``sklearn`` is installed without
+    importing it (that import, with SciPy's, takes seconds). A missing file is a :class:`DataError`.
+    """
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((p for p in (Path(r).joinpath(*DIGITS_FILE) for r in roots) if p.is_file()), None)
+    if path is None:
+        where = f"in {roots[0]}" if roots else "because scikit-learn is not installed"
+        raise DataError(f"dataset 'digits': scikit-learn's bundled file {'/'.join(DIGITS_FILE)} was not found {where}",
+                        "install scikit-learn (pip install 'scikit-learn>=1.4'), which ships the digits data, "
+                        "or choose another data.dataset")
+    with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    if data.ndim != 2 or data.shape[1] != 65:
+        raise DataError(f"dataset 'digits': {path} has shape {data.shape}, expected (samples, 64 pixels + label)",
+                        "reinstall scikit-learn: its bundled digits file is damaged")
+    return data[:, :-1], data[:, -1].astype(np.int64)
+
+
 @register_dataset("digits")
 def digits(seed: int, test_fraction: float) -> Dataset:
     """Scikit-learn's bundled handwritten digits: 1797 images of 8×8 pixels, 10 classes.
 
     Pixels are scaled from ``0..16`` to ``[0, 1]``; the test split is stratified by label and
-    drawn from ``numpy_rng(seed, "dataset", "digits", "split")``.
+    drawn from ``numpy_rng(seed, "dataset", "digits", "split")``. The arrays are those of
+    ``sklearn.datasets.load_digits()``, read from its bundled file (:func:`digits_arrays`).
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
+    data, target = digits_arrays()
+    x = (data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = target
     train, test = split_train_test(x, y, test_fraction, numpy_rng(seed, "dataset", "digits", "split"))
     return Dataset(x[train], y[train], x[test], y[test], num_classes=10, input_shape=(1, 8, 8), name="digits")

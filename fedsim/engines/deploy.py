@@ -26,12 +26,18 @@ What :func:`run_deploy` does, in order (flwr 1.39, whose Fleet API is gRPC, ``gr
 Only 127.0.0.1 is used. By default (``deploy.insecure = false``) the SuperLink serves TLS (a
 throw-away CA and server certificate from :func:`make_test_certificates`, ``openssl`` needed), the
 SuperNodes and the CLI trust that CA, and only SuperNodes holding a registered key may join: a node
-with any other key cannot activate (see :mod:`fedsim.engines.processes`). Which node serves which
-partition is then settled by the ServerApp (``FedSimStrategy.discover``: the first claimant keeps a
-partition, later ones are refused and recorded). ``deploy.insecure = true`` turns TLS and node
-authentication off; the summary's ``deploy`` section says which was in force (``tls``, ``node_auth``,
-``registered_nodes``: node name -> node id). After the run, every node the SuperLink activated must
-be a registered one, or the run is an :class:`EngineError`.
+with any other key cannot activate (see :mod:`fedsim.engines.processes`). Node ids are then known
+before the run: the engine passes ``{node id: (partition-id, num-partitions)}`` of the nodes it started
+to the ServerApp in the run config (``node-partitions``, :mod:`fedsim.strategies.node_directory`), which
+maps nodes without a single ``query.whoami`` (a node not listed is refused; of two listed nodes with one
+partition the first activated keeps it, the other is recorded as ``duplicate-partition``), so any
+ClientApp can serve (``run.client_app``, passed every message by fedsim's ClientApp; its module is put
+on the processes' ``PYTHONPATH``). ``deploy.insecure = true`` turns TLS and node authentication off;
+node ids are then unknown in advance and the ServerApp asks each node once (``query.whoami``, which
+only fedsim's ClientApp answers, so another ``run.client_app`` is refused before the run). The
+summary's ``deploy`` section says what was in force (``tls``, ``node_auth``, ``registered_nodes``:
+node name -> node id, ``node_directory``: ``run-config`` or ``query.whoami``). After the run, every
+node the SuperLink activated must be a registered one, or the run is an :class:`EngineError`.
 """
 
 from __future__ import annotations
@@ -52,13 +58,16 @@ from fedsim.engines.processes import (  # noqa: F401  (re-exported: tests and us
     _ANSI, CONNECTION, LOOPBACK, Certificates, LocalFederation, _clean, _tail, child_env, flower_bin, free_ports,
     leftover_processes, make_test_certificates)
 from fedsim.errors import ConfigError, EngineError
+from fedsim.strategies.node_directory import format_node_partitions, parse_node_partitions
 
 APP_MODULE = "fedsim_deploy_app"
 POLL_S = 2.0  # seconds between `flwr ls` status polls (each call is a short CLI process)
 
 
-def write_app(app_dir: Path, scenario_text: str, out_dir: Path) -> Path:
-    """The tiny Flower app directory ``flwr run`` builds its FAB from (two small files)."""
+def write_app(app_dir: Path, scenario_text: str, out_dir: Path, node_partitions: str = "") -> Path:
+    """The tiny Flower app directory ``flwr run`` builds its FAB from (two small files); a non-empty
+    ``node_partitions`` (:func:`~fedsim.strategies.node_directory.format_node_partitions`) goes into
+    the run config as ``node-partitions``."""
     import tomli_w
 
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -68,13 +77,16 @@ def write_app(app_dir: Path, scenario_text: str, out_dir: Path) -> Path:
         "# plain assignments: flwr checks component references by static analysis\n"
         "server_app = _fa.server_app\n"
         "client_app = _fa.client_app\n")
+    config = {"scenario": scenario_text, "out-dir": str(out_dir)}
+    if node_partitions:
+        config["node-partitions"] = node_partitions
     pyproject = {
         "project": {"name": "fedsim-deploy", "version": "1.0.0", "description": "fedsim run (generated)",
                     "dependencies": []},
         "tool": {"flwr": {"app": {"publisher": "fedsim",
                                   "components": {"serverapp": f"{APP_MODULE}:server_app",
                                                  "clientapp": f"{APP_MODULE}:client_app"},
-                                  "config": {"scenario": scenario_text, "out-dir": str(out_dir)}}}},
+                                  "config": config}}},
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
     return app_dir
@@ -134,11 +146,18 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
 
     scen = resolve(scenario.model_copy(deep=True))
     scen.run.engine = "deploy"
+    if scen.run.client_app and scen.deploy.insecure:
+        raise ConfigError("deploy.insecure", f"run.client_app = '{scen.run.client_app}' cannot serve without node "
+                          f"authentication: node ids are then unknown before the run and {_WHOAMI}",
+                          "set deploy.insecure = false (the default: TLS and node authentication, node ids known "
+                          "in advance), or leave run.client_app empty")
+    pythonpath = _client_app_path(scen)  # a named ClientApp: checked, and importable by every process
     out = Path(out_dir).expanduser().resolve()
     dep = scen.deploy
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
-    fed = LocalFederation(nodes=nodes, workdir=workdir, insecure=dep.insecure, startup_timeout=dep.startup_timeout)
+    fed = LocalFederation(nodes=nodes, workdir=workdir, insecure=dep.insecure, startup_timeout=dep.startup_timeout,
+                          pythonpath=pythonpath)
     interrupted: KeyboardInterrupt | None = None
     info: dict[str, Any] = {"nodes": nodes, "fleet_api": "grpc-rere", "tls": not dep.insecure,
                             "node_auth": fed.node_auth, "scratch_dir": str(workdir)}
@@ -146,7 +165,9 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
         with _sigterm_as_exit(), fed:
             info.update(http_port=fed.http_port, fleet_port=fed.fleet_port, **fed.timings,
                         registered_nodes=dict(fed.registered))
-            app = write_app(workdir / "app", dumps_scenario(scen), out)
+            directory = format_node_partitions(fed.node_partitions) if fed.node_auth else ""
+            info["node_directory"] = "run-config" if directory else "query.whoami"
+            app = write_app(workdir / "app", dumps_scenario(scen), out, directory)
             t_run = time.monotonic()
             run_id = _submit(fed, app)
             info["run_id"] = run_id
@@ -177,6 +198,31 @@ def run_deploy(scenario: Scenario, out_dir: str | Path, nodes: int) -> dict[str,
             write_stopped_summary(out, "interrupted", str(interrupted.args[0]) if interrupted.args else "SIGINT",
                                   rounds_planned=scen.run.rounds, strategy=scen.strategy.name, seed=scen.run.seed)
     return {**summary, "engine": "deploy", "deploy": info}
+
+
+_WHOAMI = ("the ServerApp then asks each node for its partition (query.whoami), which only fedsim's "
+           "ClientApp answers")
+
+
+def _client_app_path(scen: Scenario) -> list[str]:
+    """For a scenario naming a ClientApp (``run.client_app``): load and check it here, before any process
+    starts, and return the directory its module is imported from (put on the processes' ``PYTHONPATH``)."""
+    import importlib.util
+
+    from fedsim.clients.client_app import check_foreign_app, load_client_app
+
+    name = scen.run.client_app
+    if not name:
+        return []
+    load_client_app(name)
+    check_foreign_app(scen, f"'{name}'")
+    spec = importlib.util.find_spec(name.partition(":")[0].split(".")[0])
+    if spec is None:  # pragma: no cover - load_client_app imported it
+        return []
+    if spec.origin and spec.submodule_search_locations is None:  # a top-level module file
+        return [str(Path(spec.origin).resolve().parent)]
+    locations = list(spec.submodule_search_locations or [])  # a package (regular or namespace)
+    return [str(Path(locations[0]).resolve().parent)] if locations else []
 
 
 def _raise_typed(summary: dict[str, Any], out: Path) -> None:
@@ -300,6 +346,10 @@ def _main(argv: list[str] | None = None) -> int:
                      help="run directory, as a path on the SuperLink's machine (the ServerApp writes it)")
     app.add_argument("--set", "-s", action="append", default=[], dest="overrides",
                      help="override: section.key=value (repeatable)")
+    app.add_argument("--node-partitions", default="",
+                     help="NODE_ID:PARTITION_ID/NUM_PARTITIONS per SuperNode, comma-separated (the node ids "
+                          "`flwr supernode register` printed): the ServerApp then sends no query.whoami and "
+                          "refuses unlisted nodes; needed for a run.client_app other than fedsim's")
     certs = sub.add_parser("certs", help="a throw-away CA and a server certificate for 127.0.0.1")
     certs.add_argument("directory")
     args = parser.parse_args(argv)
@@ -309,9 +359,17 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     scen = resolve(load_scenario(args.scenario, args.overrides))
     scen.run.engine = "deploy"
+    directory = ""
+    if args.node_partitions:
+        directory = format_node_partitions(parse_node_partitions(args.node_partitions))
+    if scen.run.client_app and not directory:
+        raise ConfigError("--node-partitions", f"run.client_app = '{scen.run.client_app}' cannot serve without "
+                          f"it: {_WHOAMI}", "pass --node-partitions with every SuperNode's registered node id "
+                          "(flwr supernode ls), or leave run.client_app empty")
+    _client_app_path(scen)
     out = Path(args.out).expanduser()
     out = out if out.is_absolute() else out.resolve()
-    path = write_app(Path(args.app_dir), dumps_scenario(scen), out)
+    path = write_app(Path(args.app_dir), dumps_scenario(scen), out, directory)
     print(path.resolve())
     return 0
 

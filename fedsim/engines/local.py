@@ -284,25 +284,32 @@ def run_local(scenario, out_dir, on_round=None, grid_hook=None, resume: bool = F
     """Run ``scenario`` on the embedded engine: the real ServerApp and ClientApp, one process.
     ``resume=True`` continues the run in ``out_dir`` from its latest checkpoint.
 
-    ``client_app``: any Flower ``ClientApp`` to serve as the clients (default: fedsim's). Each node's
-    ``context.node_config`` holds ``partition-id`` and ``num-partitions``, as in Flower's simulation;
-    a vanilla app answers ``train`` with ``arrays`` and ``metrics.num-examples``. Such an app is
-    always called message by message (the batched path stands in for fedsim's own training only; the
-    reason is logged once and recorded in ``summary.json``).
+    ``client_app``: any Flower ``ClientApp`` to serve as the clients (default: the scenario's
+    ``run.client_app``, else fedsim's). Each node's ``context.node_config`` holds ``partition-id`` and
+    ``num-partitions``, as in Flower's simulation; a vanilla app answers ``train`` with ``arrays`` and
+    ``metrics.num-examples``. Such an app is always called message by message (the batched path stands
+    in for fedsim's own training only; the reason is logged once and recorded in ``summary.json``), and
+    a scenario asking fedsim's client side for something it would not do is refused before the run
+    (:func:`~fedsim.clients.client_app.check_foreign_app`).
     """
     from flwr.app import Context
 
     from fedsim.catalog import resolve
-    from fedsim.clients.client_app import build_client_app
+    from fedsim.clients.client_app import build_client_app, check_foreign_app, describe_client_app, load_client_app
     from fedsim.server import build_server_app
 
     resolve(scenario)
     result: dict = {}
+    if client_app is None and scenario.run.client_app:
+        client_app = load_client_app(scenario.run.client_app)
     foreign = client_app is not None
+    served = describe_client_app(client_app, scenario)
+    if foreign:
+        check_foreign_app(scenario, served)
     if client_app is None:
         client_app = build_client_app(scenario)
     server_app = build_server_app(scenario, out_dir, engine="local", on_round=on_round, result=result,
-                                  resume=resume)
+                                  resume=resume, client_app=served)
     batcher, why_not = None, "run.vectorize = false"
     if foreign and scenario.run.vectorize is not False:
         import logging

@@ -6,6 +6,9 @@ Secure by default (flwr 1.39, Flower docs "Authenticate SuperNodes"): TLS, and a
 key made for the run, registered with ``flwr supernode register`` before the node starts; the node
 signs its Fleet calls with it (``--auth-supernode-private-key``). An unregistered key cannot activate
 ("No SuperNode found with the given public key") and the node exits; node ids are tied to keys.
+So the federation knows, before the run, which node id holds which partition
+(:attr:`LocalFederation.node_partitions`: each registered key's node id, with the ``partition-id``
+and ``num-partitions`` of the node started with that key).
 """
 
 from __future__ import annotations
@@ -68,9 +71,12 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def child_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process: own FLWR_HOME, telemetry off, no proxies, venv first."""
+def child_env(flwr_home: Path, pythonpath: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """Environment for every Flower process: own FLWR_HOME, telemetry off, no proxies, venv first;
+    ``pythonpath`` directories go first on ``PYTHONPATH`` (a ClientApp module the processes must import)."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*pythonpath, *filter(None, [env.get("PYTHONPATH", "")])])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -120,7 +126,9 @@ class LocalFederation:
     ``node_config`` (optional) gives each node's extra ``--node-config`` entries, e.g.
     ``{"data-path": "/data/node0.npz"}``; ``partition-id`` and ``num-partitions`` are always set.
     ``insecure=False`` (default): TLS *and* SuperNode authentication, a key per node registered before
-    it starts (``registered``: node name -> node id). ``insecure=True``: neither, any node may join.
+    it starts (``registered``: node name -> node id; ``node_partitions``: node id -> its node config's
+    ``(partition-id, num-partitions)``). ``insecure=True``: neither, any node may join.
+    ``pythonpath``: directories put first on every process's ``PYTHONPATH``.
     """
 
     nodes: int
@@ -134,6 +142,10 @@ class LocalFederation:
     certs: Certificates | None = None
     timings: dict[str, float] = field(default_factory=dict)
     registered: dict[str, int] = field(default_factory=dict)  # node name -> registered node id
+    pythonpath: list[str] = field(default_factory=list)
+    #: node id -> (partition-id, num-partitions) of the SuperNode started with that node's registered key
+    node_partitions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _key_ids: dict[bytes, int] = field(default_factory=dict, repr=False)  # registered public key -> node id
 
     @property
     def node_auth(self) -> bool:  # exactly when TLS is on: Flower refuses node auth without TLS
@@ -153,7 +165,7 @@ class LocalFederation:
         return self.logs / "superlink.log"
 
     def env(self, home: Path | None = None) -> dict[str, str]:
-        return child_env(home or self.home)
+        return child_env(home or self.home, self.pythonpath)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self) -> "LocalFederation":
@@ -211,6 +223,7 @@ class LocalFederation:
             data = json.loads(res.stdout[start:end + 1])
             if res.returncode == 0 and data.get("success") and data.get("node-id"):
                 self.registered[name] = int(data["node-id"])
+                self._key_ids[_key_text(public_key.read_bytes())] = self.registered[name]
                 return self.registered[name]
         raise EngineError(f"`flwr supernode register` failed for {name} (exit {res.returncode}): "
                           f"{(res.stdout + res.stderr).strip()[-600:]}\n--- superlink log\n{_tail(self.superlink_log, 12)}",
@@ -219,8 +232,13 @@ class LocalFederation:
     def add_supernode(self, name: str, node_config: dict[str, Any], port: int | None = None,
                       private_key: Path | None = None) -> None:
         """Start a ``flower-supernode`` (own FLWR_HOME, log ``logs/NAME.log``). With node authentication
-        only a ``private_key`` registered by :meth:`register_key` lets it activate."""
+        only a ``private_key`` registered by :meth:`register_key` lets it activate; its node id then holds
+        ``node_config``'s ``partition-id`` in :attr:`node_partitions`."""
         port = port if port is not None else free_ports(1)[0]
+        node_id = self._key_ids.get(_public_key_of(private_key)) if private_key is not None else None
+        if node_id is not None and "partition-id" in node_config:
+            self.node_partitions[node_id] = (int(node_config["partition-id"]),
+                                             int(node_config.get("num-partitions", 0)))
         node = [flower_bin("flower-supernode"), "--grpc-rere", "--superlink", f"{LOOPBACK}:{self.fleet_port}",
                 "--host", LOOPBACK, "--port", str(port), "--node-config", _node_config(node_config)]
         node += ["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs.ca)]
@@ -378,6 +396,19 @@ def leftover_processes(workdir: str | Path) -> list[int]:
         if state != "Z" and any(v == home or v.startswith(home + b"/") for v in env.split(b"\0")):
             found.append(int(d.name))
     return sorted(found)
+
+
+def _key_text(openssh_public: bytes) -> bytes:
+    """An OpenSSH public key's type and key fields (its comment dropped)."""
+    return b" ".join(openssh_public.split()[:2])
+
+
+def _public_key_of(private_key: Path) -> bytes:
+    """The OpenSSH public key of an OpenSSH private key file, as :func:`_key_text` writes it."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    key = ser.load_ssh_private_key(Path(private_key).read_bytes(), password=None)
+    return _key_text(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
 
 
 def _node_config(cfg: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Vectorised fit (clients/batched.py): equal to the per-client path, falls back, deterministic."""
+"""Vectorised fit (clients/batched.py, clients/batched_stacked.py): equal to the per-client path on both
+batched kernels (stacked ``baddbmm`` and ``vmap``), falls back, deterministic."""
 
 from __future__ import annotations
 
@@ -19,6 +20,22 @@ from tests.conftest import tiny
 UNEQUAL = ['data.partitioner="dirichlet"', "data.partition={alpha=0.3, min_partition_size=5}",
            "data.num_clients=6", "client.batch_size=16"]
 TOL = 1e-5
+#: the two batched kernels: the stacked path (the default for Linear models) and torch.func's vmap
+PATHS = ["stacked", "vmap"]
+
+
+def _batcher(s, path="stacked", **kw) -> BatchedFit:
+    """A batcher held to one kernel: ``vmap`` even for a model the stacked path could run."""
+    b = BatchedFit(s, **kw)
+    if path == "vmap":
+        b._layers = None
+    else:
+        assert b.stacked_layers() is not None, "the test model must be one the stacked path runs"
+    return b
+
+
+def _used(b: BatchedFit, path: str) -> bool:
+    return b.calls > 0 and b.stacked_calls == (b.calls if path == "stacked" else 0)
 
 
 def _setup(overrides, num_clients=6):
@@ -70,16 +87,17 @@ def test_private_run_reply_matches_fit():
         assert "label-counts" in rm and list(rm["label-counts"]) == list(gm["label-counts"])
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("epochs,max_steps,wd", [(2, 0, 0.0), (3, 25, 1e-2)])
-def test_equal_to_per_client_path(momentum, epochs, max_steps, wd):
+def test_equal_to_per_client_path(momentum, epochs, max_steps, wd, path):
     s, app, grid, arrays = _setup([f"client.momentum={momentum}", f"client.epochs={epochs}",
                                    f"client.max_steps={max_steps}", f"client.weight_decay={wd}"])
     pids = list(range(6))
     ref = _reference(app, grid, _msgs(arrays, pids))
-    b = BatchedFit(s)
+    b = _batcher(s, path)
     got = b.run(_items(grid, _msgs(arrays, pids)))
-    assert b.calls == 1 and b.clients == 6 and all(g is not None for g in got)
+    assert b.calls == 1 and b.clients == 6 and all(g is not None for g in got) and _used(b, path)
     sizes = {dict(r.metric_records["metrics"])["num-examples"] for r in ref}
     steps = {dict(r.metric_records["metrics"])["steps"] for r in ref}
     assert len(sizes) > 1 and len(steps) > 1  # unequal clients really were exercised
@@ -89,7 +107,8 @@ def test_equal_to_per_client_path(momentum, epochs, max_steps, wd):
         _assert_same(r, g)
 
 
-def test_tiny_and_empty_clients_stop_early_and_stay_untouched():
+@pytest.mark.parametrize("path", PATHS)
+def test_tiny_and_empty_clients_stop_early_and_stay_untouched(path):
     # clients with 3 samples (one short step per epoch) and 0 samples (no step) train next to big ones:
     # after their last step their parameters and momentum must not move
     s, app, grid, arrays = _setup(["client.momentum=0.9", "client.epochs=2", "client.weight_decay=0.01"])
@@ -98,7 +117,9 @@ def test_tiny_and_empty_clients_stop_early_and_stay_untouched():
     rt._data[4] = (x[:3].clone(), y[:3].clone())
     rt._data[5] = (x[:0].clone(), y[:0].clone())
     ref = _reference(app, grid, _msgs(arrays, range(6)))
-    got = BatchedFit(s).run(_items(grid, _msgs(arrays, range(6))))
+    b = _batcher(s, path)
+    got = b.run(_items(grid, _msgs(arrays, range(6))))
+    assert _used(b, path)
     steps = [dict(r.metric_records["metrics"])["steps"] for r in ref]
     assert steps[4] == 2 and steps[5] == 0 and min(steps[:4]) > 2
     for r, g in zip(ref, got):
@@ -116,8 +137,99 @@ def test_cnn_with_group_norm_and_chunks():
     b = BatchedFit(s, when="eligible", max_chunk=4)
     got = b.run(_items(grid, _msgs(arrays, range(6))))
     assert b.calls == 2 and b.clients == 6
+    assert b.stacked_layers() is None and b.stacked_calls == 0  # convolutions: the vmap kernel
     for r, g in zip(ref, got):
         _assert_same(r, g)
+
+
+def test_stacked_and_vmap_kernels_agree_in_chunks():
+    # two hidden layers, weight decay, momentum, short last batches, chunks of 4 and 2 clients: both
+    # kernels, same replies
+    s, app, grid, arrays = _setup(["model.hidden=[16, 8]", "client.momentum=0.9", "client.weight_decay=0.01",
+                                   "client.epochs=2", "client.max_steps=0"])
+    ref = _reference(app, grid, _msgs(arrays, range(6)))
+    runs = {}
+    for path in PATHS:
+        b = _batcher(s, path, max_chunk=4)
+        runs[path] = b.run(_items(grid, _msgs(arrays, range(6))))
+        assert b.calls == 2 and b.clients == 6 and _used(b, path)
+    for r, st, vm in zip(ref, runs["stacked"], runs["vmap"]):
+        _assert_same(r, st)
+        _assert_same(vm, st, tol=1e-6)
+        assert dict(st.metric_records["metrics"]) == pytest.approx(dict(vm.metric_records["metrics"]), abs=1e-6)
+
+
+def test_stacked_plan_takes_verified_linear_models_only():
+    from torch import nn
+
+    from fedsim.clients.batched_stacked import stacked_plan
+
+    class MyLinear(nn.Linear):  # a subclass may compute anything
+        pass
+
+    class Net(nn.Module):  # not a Sequential: its forward is unknown
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x) * 2
+
+    ok = [nn.Sequential(nn.Flatten(), nn.Linear(64, 3)),
+          nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(64, 8), nn.GELU()), nn.Identity(),
+                        nn.Sequential(nn.Linear(8, 8, bias=False), nn.LeakyReLU(0.2)), nn.Linear(8, 3))]
+    hooked = nn.Sequential(nn.Linear(4, 2))
+    hooked[0].register_forward_hook(lambda m, i, o: o * 0)
+    refused = {"Conv2d": nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)),
+               "MyLinear": nn.Sequential(MyLinear(4, 2)),
+               "Net": nn.Sequential(Net()),
+               "hooks": hooked,
+               "Dropout": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)),
+               "Softmax": nn.Sequential(nn.Linear(4, 2), nn.LogSoftmax(dim=1)),
+               "batch dimension": nn.Sequential(nn.Flatten(0), nn.Linear(4, 2)),
+               "PReLU": nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2))}
+    for model in ok:
+        layers, why = stacked_plan(model)
+        assert why is None and len(layers) >= 2
+    for word, model in refused.items():
+        layers, why = stacked_plan(model)
+        assert layers is None and word in why, (word, why)
+
+
+def test_stacked_step_gives_each_client_exactly_its_own_gradient():
+    # three clients with their own parameters, a padded (masked) short batch: the stacked step's loss,
+    # logits and gradients equal each client's own autograd, computed one by one
+    import copy
+
+    import torch
+    from torch import nn
+
+    from fedsim.clients.batched_stacked import stacked_plan, stacked_step
+
+    torch.manual_seed(0)
+    proto = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(12, 7), nn.Tanh()),
+                          nn.Linear(7, 5, bias=False), nn.ELU(), nn.Linear(5, 4), nn.SiLU(), nn.Linear(4, 3))
+    clients = [copy.deepcopy(proto) for _ in range(3)]
+    for m in clients:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_()
+    names = [k for k, _ in proto.named_parameters()]
+    ps = [torch.stack([dict(m.named_parameters())[k].detach() for m in clients]) for k in names]
+    x, y = torch.randn(3, 6, 3, 4), torch.randint(0, 3, (3, 6))
+    mask = torch.ones(3, 6)
+    mask[1, 4:] = 0.0  # client 1: a short batch of 4 real samples, 2 padded
+    cnt = mask.sum(1)
+    layers, _ = stacked_plan(proto)
+    grads, loss, out = stacked_step(layers, ps, x, y, mask, cnt)
+    for c, m in enumerate(clients):
+        n = int(cnt[c])
+        logits = m(x[c])
+        own = nn.functional.cross_entropy(logits[:n], y[c, :n])
+        own.backward()
+        assert torch.allclose(loss[c], own, atol=1e-6) and torch.allclose(out[c], logits, atol=1e-6)
+        for g, (k, p) in zip(grads, m.named_parameters()):
+            assert torch.allclose(g[c], p.grad, atol=1e-5, rtol=1e-5), (c, k)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -207,11 +319,14 @@ def test_run_local_vectorised_is_deterministic_and_close(tmp_path):
     assert max(float(np.abs(x - y).max()) for x, y in zip(ma, mc)) <= 1e-4
 
 
-def test_batch_larger_than_every_client():
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_larger_than_every_client(path):
     # batch_size above every client's size: one (padded) batch per epoch, same as per client
     s, app, grid, arrays = _setup(["client.batch_size=1000", "client.epochs=4", "client.momentum=0.9"])
     ref = _reference(app, grid, _msgs(arrays, range(6)))
-    got = BatchedFit(s).run(_items(grid, _msgs(arrays, range(6))))
+    b = _batcher(s, path)
+    got = b.run(_items(grid, _msgs(arrays, range(6))))
+    assert _used(b, path)
     for r, g in zip(ref, got):
         assert dict(r.metric_records["metrics"])["steps"] == 4
         _assert_same(r, g)

@@ -117,8 +117,27 @@ def _dp_round(model, x, y, mode, clip=1.0, q=0.05, steps=20):
     return torch.cat([p.detach().flatten() for p in model.parameters()]), res.metrics, sizes
 
 
+def fix_noise_by_coordinate(monkeypatch) -> list[int]:
+    """Make Opacus's noise function return ``std·z_k`` for the k-th noise value drawn since ``cursor[0] = 0``,
+    in whatever pieces it is drawn: Opacus's modes draw per parameter, ``ghost_linear`` once over all of them
+    (same order), so both then get the same noise on every coordinate. Returns the cursor, to reset."""
+    import opacus.optimizers.optimizer as opacus_optimizer
+
+    z, cursor = torch.randn(10**6, generator=torch.Generator().manual_seed(5)), [0]
+
+    def noise(std, reference, generator=None, secure_mode=False):
+        if std == 0:
+            return torch.zeros_like(reference)
+        n = reference.numel()
+        cursor[0] += n
+        return z[cursor[0] - n:cursor[0]].view(reference.shape) * std
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", noise)
+    return cursor
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_every_grad_sample_mode_gives_the_hooks_update(name):
+def test_every_grad_sample_mode_gives_the_hooks_update(name, monkeypatch):
     from fedsim.clients.plugins.dp_sgd import GRAD_SAMPLE_MODES, choose_grad_sample_mode
     from fedsim.config import ModelConfig
     from fedsim.models import build_model
@@ -128,20 +147,36 @@ def test_every_grad_sample_mode_gives_the_hooks_update(name):
     cfg = ModelConfig(name="mlp", hidden=[16]) if name == "mlp" else ModelConfig(name="cnn", norm="group",
                                                                                  channels=[4, 8], groups=2)
     model = build_model(cfg, shape, 10, 0)
-    assert choose_grad_sample_mode(model) == "ew", "the MLP and the GroupNorm CNN get expanded weights"
+    auto = "ghost_linear" if name == "mlp" else "ew"
+    assert choose_grad_sample_mode(model, shape) == auto, "MLP: ghost_linear, GroupNorm CNN: expanded weights"
     x, y = torch.rand(40, *shape), torch.randint(0, 10, (40,))
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
     reference, metrics, sizes = _dp_round(model, x, y, "hooks")
     assert 0 in sizes and max(sizes) > 1, "the round must mix empty and non-empty Poisson batches"
     assert metrics["dp_sgd/grad_sample_mode"] == GRAD_SAMPLE_MODES.index("hooks")
     assert not torch.allclose(reference, start)
-    for mode in ("functorch", "ew", "auto"):
+    for mode in ("functorch", "ew", *(("auto",) if auto == "ew" else ())):  # Opacus's modes: same seed, same noise
         params, metrics, mode_sizes = _dp_round(model, x, y, mode)
         assert mode_sizes == sizes
-        assert metrics["dp_sgd/grad_sample_mode"] == GRAD_SAMPLE_MODES.index("ew" if mode == "auto" else mode)
+        assert metrics["dp_sgd/grad_sample_mode"] == GRAD_SAMPLE_MODES.index(auto if mode == "auto" else mode)
         assert torch.allclose(params, reference, rtol=0, atol=1e-5), f"{mode} differs from hooks"
     other_clip, _, _ = _dp_round(model, x, y, "ew", clip=0.5)  # the comparison sees a change of clipping
     assert not torch.allclose(other_clip, reference, rtol=0, atol=1e-5)
+    if name != "mlp":
+        return
+    cursor = fix_noise_by_coordinate(monkeypatch)  # ghost_linear draws its noise in one piece
+    fixed = {}
+    for mode in ("hooks", "ghost_linear", "auto"):
+        cursor[0] = 0
+        fixed[mode], metrics, mode_sizes = _dp_round(model, x, y, mode)
+        assert mode_sizes == sizes
+        assert metrics["dp_sgd/grad_sample_mode"] == GRAD_SAMPLE_MODES.index("hooks" if mode == "hooks" else auto)
+    assert cursor[0] > 0 and not torch.allclose(fixed["hooks"], reference, rtol=0, atol=1e-5)
+    for mode in ("ghost_linear", "auto"):
+        assert torch.allclose(fixed[mode], fixed["hooks"], rtol=0, atol=1e-5), f"{mode} differs from hooks"
+    cursor[0] = 0
+    other_clip, _, _ = _dp_round(model, x, y, "ghost_linear", clip=0.5)
+    assert not torch.allclose(other_clip, fixed["hooks"], rtol=0, atol=1e-5)
 
 
 def test_auto_mode_falls_back_to_hooks_where_expanded_weights_do_not_apply():
@@ -158,8 +193,9 @@ def test_auto_mode_falls_back_to_hooks_where_expanded_weights_do_not_apply():
 
     tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
-    assert choose_grad_sample_mode(Scaled()) == "hooks"
-    assert choose_grad_sample_mode(tied) == "hooks"
-    assert choose_grad_sample_mode(torch.nn.Linear(4, 2)) == "ew"
+    assert choose_grad_sample_mode(Scaled(), (4,)) == "hooks"
+    assert choose_grad_sample_mode(tied, (4,)) == "hooks"
+    assert choose_grad_sample_mode(torch.nn.Linear(4, 2), (4,)) == "ghost_linear"
+    assert choose_grad_sample_mode(torch.nn.Linear(4, 2), (3, 4)) == "ew"  # a sequence: no ghost norm
     with pytest.raises(ValueError, match="grad_sample_mode"):
         DPSGD.Settings(grad_sample_mode="ghost")

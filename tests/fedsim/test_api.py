@@ -288,3 +288,22 @@ def test_the_readme_python_api_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(blocks[1], "README.md (Python API)", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["run"].status == "completed"
+
+
+def test_run_takes_the_clients_app_by_name_or_as_an_object(tmp_path):
+    """``fedsim.run(..., client_app=)``: a ``module:object`` name is ``run.client_app`` (recorded in the run's
+    config and summary); a ClientApp object serves the local engine and is recorded as such."""
+    from tests.fedsim.engines.vanilla_app import build_vanilla_app
+
+    named = "tests.fedsim.engines.vanilla_app:named_app"
+    run = fedsim.run(_tiny(), out=tmp_path / "named", client_app=named)
+    assert run.status == "completed" and run.summary["client_app"] == named and run.scenario.run.client_app == named
+    seen: list = []
+    run = fedsim.run(_tiny(), out=tmp_path / "object", client_app=build_vanilla_app(seen))
+    assert run.summary["client_app"] == "python object (flwr.clientapp.client_app.ClientApp)"
+    assert {t for t, _ in seen} == {"train"} and len(seen) == 8  # 2 rounds x 4 clients, all through it
+    with pytest.raises(ConfigError, match="cannot reach the deployment") as err:
+        fedsim.run(_tiny(), out=tmp_path / "deploy", client_app=build_vanilla_app(), run__engine="deploy")
+    assert err.value.key == "client_app" and not (tmp_path / "deploy").exists()
+    with pytest.raises(ConfigError, match="ClientApp"):
+        fedsim.run(_tiny(), out=tmp_path / "x", client_app=42)

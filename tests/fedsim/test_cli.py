@@ -227,3 +227,18 @@ def test_progress_off_a_terminal_is_one_line_per_round(tmp_path):
     status = [x for x in lines if x.startswith("fedsim: ")]                   # said before round 1 ran
     assert "building the federation (digits, 4 clients" in p.stderr and "training round 1 of 2" in status[-1]
     assert lines.index(status[-1]) < lines.index(next(x for x in lines if x.startswith("round 1/2")))
+
+
+def test_run_client_app_names_the_clients_app_or_is_refused_naming_the_key(tmp_path):
+    """``--client-app module:object`` sets ``run.client_app``: the vanilla app serves (summary says so); a name
+    that does not load exits with the ConfigError's code before the run, naming the key."""
+    named = "tests.fedsim.engines.vanilla_app:named_app"
+    p = fedsim("run", "scenarios/default.toml", "--set", "run.rounds=1", "--set", "model.hidden=[16]",
+               "--client-app", named, "--out", str(tmp_path / "ok"), "--format", "json")
+    summary = json.loads(p.stdout)
+    assert summary["status"] == "completed" and summary["client_app"] == named
+    assert "not fedsim's" in summary["vectorized"]["reason"]
+    bad = fedsim("run", "scenarios/default.toml", "--client-app", "tests.fedsim.engines.vanilla_app:nope",
+                 "--out", str(tmp_path / "bad"), check=False)
+    assert bad.returncode == 2 and "run.client_app" in bad.stderr and "has no object 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()

@@ -295,3 +295,159 @@ def test_flowers_default_two_node_simulation_is_refused_for_a_larger_scenario(tm
     assert "num-partitions=2" in str(err.value)
     refused = read_jsonl(out / "clients.jsonl")
     assert [(r["status"], r["round"], r["client"]) for r in refused] == [("invalid-partition", 0, None)] * 2
+
+
+# ------------------------------------------------------------------------------------ node directory, client app
+NAMED = "tests.fedsim.engines.vanilla_app:named_app"
+
+
+def test_fedsims_client_app_hands_every_message_to_the_app_the_run_config_names(tmp_path):
+    """Under ``flwr run`` the components stay fedsim's: its ClientApp passes each message to the named app."""
+    from tests.fedsim.engines import vanilla_app
+
+    scen = tmp_path / "s.toml"
+    scen.write_text(tomli_w_dumps(TINY))
+    out = tmp_path / "run"
+    vanilla_app.SEEN.clear()
+    _flower_app_run({"scenario": str(scen), "overrides": f'run.client_app="{NAMED}"', "out-dir": str(out)}, 4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["client_app"] == NAMED
+    clients = read_jsonl(out / "clients.jsonl")
+    assert clients and all(c["status"] == "ok" for c in clients)  # each reply echoed its node's partition
+    assert sorted(vanilla_app.SEEN) == sorted(("train", c["client"]) for c in clients)  # nothing but train
+
+
+def test_a_bad_client_app_stops_the_flower_app_before_round_1(tmp_path):
+    scen = tmp_path / "s.toml"
+    scen.write_text(tomli_w_dumps(TINY))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="has no object") as err:
+        _flower_app_run({"scenario": str(scen), "overrides": 'run.client_app="os:no_such_app"',
+                         "out-dir": str(out)}, 4)
+    assert err.value.key == "run.client_app" and not out.exists()
+
+
+def _simulation(num_nodes: int):
+    """Flower's in-memory simulation state and grid, with ``num_nodes`` registered as Flower's runtime does."""
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    run = Run.create_empty(run_id=7)
+    run.primary_task_id, run.federation_id = 11, NOOP_FEDERATION_ID
+    factory.state().run_ids[7] = RunRecord(run=run)  # as _main_loop pre-registers the run
+    factory.state().task_store[11] = Task(task_id=11, run_id=7)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return grid, vce_api._register_nodes(num_nodes=num_nodes, state_factory=factory)
+
+
+def test_a_simulation_grid_takes_the_runtimes_own_mapping_once_it_serves():
+    """Flower's runtime publishes its ``{node id: partition id}`` to nothing; the grid reads it from the
+    runtime's message thread for *its* state only, shows no node before, and sends no message."""
+    import threading
+    from queue import Queue
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedsim.flower_app import SimulationRuntimeGrid, node_directory_grid
+    from fedsim.strategies.base import make_strategy
+
+    grid, mapping = _simulation(4)
+    other_grid, other = _simulation(4)
+    wrapped = node_directory_grid(grid, {})
+    assert isinstance(wrapped, SimulationRuntimeGrid)
+    assert set(grid.get_node_ids()) == set(mapping)  # registered, but the runtime does not serve yet
+    stop = threading.Event()
+
+    def serve(state, nodes):
+        t = threading.Thread(target=vce_api.add_messages_to_queue, args=(state, Queue(), nodes, stop), daemon=True)
+        t.start()
+        return t
+
+    threads = [serve(other_grid.state, other)]  # another simulation in this process: not ours
+    try:
+        assert list(wrapped.get_node_ids()) == [] and wrapped.node_partitions == {}
+        threads.append(serve(grid.state, mapping))
+        assert wrapped.node_partitions == mapping and sorted(mapping.values()) == [0, 1, 2, 3]
+        assert set(wrapped.get_node_ids()) == set(mapping) and set(wrapped.node_num_partitions.values()) == {4}
+        strategy = make_strategy(tiny(data={"num_clients": 4}))
+        strategy.discover(wrapped)  # an InMemoryGrid would accept a whoami: none may be sent
+        assert strategy.directory == mapping and not strategy.failures and not strategy.unanswered
+        larger = make_strategy(tiny(data={"num_clients": 6}))  # Flower's node configs say num-partitions = 4
+        larger.discover(wrapped)
+        assert larger.directory == {} and {f.kind for f in larger.failures} == {"invalid-partition"}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+
+
+def test_the_grid_keeps_whoami_where_nothing_is_known_and_refuses_a_directory_it_cannot_use():
+    from fedsim.engines.local import LocalGrid
+    from fedsim.flower_app import client_app, node_directory_grid
+    from fedsim.strategies.node_directory import KnownNodesGrid
+
+    class Deployment:  # a SuperLink's grid: no node_partitions
+        def get_node_ids(self):
+            return [5, 6]
+
+    local = LocalGrid(client_app, 2)
+    assert node_directory_grid(local, {}) is local
+    plain = Deployment()
+    assert node_directory_grid(plain, {}) is plain and node_directory_grid(plain, {"node-partitions": ""}) is plain
+    known = node_directory_grid(plain, {"node-partitions": "5:0/2,6:1/2"})
+    assert isinstance(known, KnownNodesGrid) and known.node_partitions == {5: 0, 6: 1}
+    assert known.get_node_ids() == [5, 6]
+    for grid in (local, _simulation(2)[0]):
+        with pytest.raises(ConfigError, match="is for deployments") as err:
+            node_directory_grid(grid, {"node-partitions": "5:0/2"})
+        assert err.value.key == "run-config.node-partitions"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_flower_simulation_maps_its_nodes_from_the_runtime_without_a_query(tmp_path, monkeypatch):
+    """A real Flower simulation (``run_simulation`` → ``_main_loop``, Ray), as under ``flwr run .``: the
+    ServerApp with the node directory of ``fedsim.flower_app``, fedsim's ClientApp handing every message
+    to the vanilla app the scenario names. Not one ``query.*`` is sent, every reply's echoed partition
+    agrees with the server's mapping, and the clients and numbers are the local engine's."""
+    pytest.importorskip("ray")
+    from flwr.simulation import run_simulation
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedsim.clients.client_app import build_client_app
+    from fedsim.engines.local import run_local
+    from fedsim.engines.ray import backend_config_for
+    from fedsim.flower_app import with_node_directory
+    from fedsim.server import build_server_app
+
+    sent: list[str] = []
+    original = InMemoryGrid.send_and_receive
+
+    def recording(self, messages, *, timeout=None):
+        messages = list(messages)
+        sent.extend(m.metadata.message_type for m in messages)
+        return original(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(InMemoryGrid, "send_and_receive", recording)
+    scen = tiny(["run.rounds=2", "data.num_clients=6", "strategy.fraction_train=0.5", f'run.client_app="{NAMED}"'])
+    server = with_node_directory(build_server_app(scen, tmp_path / "sim", engine="flwr-run"), scen)
+    run_simulation(server_app=server, client_app=build_client_app(scen), num_supernodes=6,
+                   backend_config=backend_config_for(scen))
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["client_app"] == NAMED
+    assert sent and set(sent) == {"train"}
+    clients = read_jsonl(tmp_path / "sim" / "clients.jsonl")
+    assert len(clients) == 6 and all(c["status"] == "ok" for c in clients), clients
+    local = run_local(scen, tmp_path / "local")
+    assert sorted((c["round"], c["client"]) for c in clients) == sorted(
+        (c["round"], c["client"]) for c in read_jsonl(tmp_path / "local" / "clients.jsonl"))
+    assert summary["final"]["test_loss"] == pytest.approx(local["final"]["test_loss"], abs=1e-6)

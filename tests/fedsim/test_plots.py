@@ -110,3 +110,31 @@ def test_privacy_utility_marks_sit_on_runs_and_every_legend_entry_has_a_mark(tmp
     assert set(flat) == {"dp-fedavg, no noise (ε = ∞, 1 run)", "non-private (ε = ∞, 2 runs)"}
     assert math.isclose(flat["non-private (ε = ∞, 2 runs)"].get_ydata()[0], 0.94)
     assert ax.get_title()
+    assert _inside_canvas(ax.get_figure())  # (fixed margins: see below)
+
+
+def _inside_canvas(fig) -> bool:
+    """Everything drawn on the axes (title, labels, tick labels, an axis offset, the legend) lies inside
+    the figure: the fixed margins that replace a layout engine cut nothing off."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box, canvas = fig.axes[0].get_tightbbox(renderer), fig.bbox
+    return box.x0 >= canvas.x0 - 1 and box.y0 >= canvas.y0 - 1 and box.x1 <= canvas.x1 + 1 and box.y1 <= canvas.y1 + 1
+
+
+def test_fixed_margins_cut_off_no_text_even_for_long_titles_and_wide_numbers():
+    long = run_title({"run": {"name": "a-study-with-a-rather-long-name-" * 3}, "strategy": {"name": "fedprox"}})
+    wide = [{"round": r, "test_accuracy": 0.1, "test_loss": 123456.7 / (r + 1), "train_loss": 1e-4 * r}
+            for r in range(40)]
+    infinite = [{"round": r, "mechanism": "total", "epsilon": 1e300 if r > 2 else 3.0, "delta": 1e-5}
+                for r in range(1, 6)]
+    figures = [draw_metric(ROWS, "test_accuracy", "test accuracy", TITLE),
+               draw_metric(wide, "test_loss", "test loss", long),
+               draw_participation([{"round": r, "client": c, "status": "ok"} for r in range(25) for c in range(120)],
+                                  long),
+               draw_epsilon(_privacy_rows(), long, budget=10.0, target=6.0),
+               draw_epsilon(infinite, TITLE, budget=10.0)]
+    for fig in figures:
+        assert _inside_canvas(fig), fig.axes[0].get_title()
+    # the long title is kept whole (set smaller, on two lines), not shortened
+    assert figures[1].axes[0].get_title().replace("\n", " ") == f"{long}: test loss"

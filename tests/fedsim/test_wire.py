@@ -50,3 +50,33 @@ def test_trailing_bytes_after_the_array_are_refused():
     padded = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data + b"\x00" * 4)
     with pytest.raises(ValueError, match="bytes after its header"):
         to_numpy(padded)
+
+
+def test_a_checked_header_is_remembered_but_never_vouches_for_another_declaration_or_payload():
+    real = from_numpy(np.ones((2, 3), dtype=np.float64))
+    np.testing.assert_array_equal(to_numpy(real), np.ones((2, 3)))  # its header is now known good
+    for dtype, shape, data in [("float32", (2, 3), real.data), ("float64", (3, 2), real.data),
+                               ("float64", (2, 3), real.data[:-8]), ("float64", (2, 3), real.data + b"\0" * 8)]:
+        with pytest.raises(ValueError):
+            to_numpy(Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data))
+
+
+@pytest.mark.parametrize("x", [np.arange(6, dtype=np.float32).reshape(2, 3), np.float64(2.5), np.zeros(0, np.int64)])
+def test_from_numpy_makes_the_array_flowers_constructor_makes(x):
+    """``from_numpy`` skips ``Array.__init__``'s argument parsing; the object must be the same one."""
+    made = from_numpy(x)
+    flower = Array(dtype=made.dtype, shape=made.shape, stype="numpy.ndarray", data=made.data)
+    assert made.__dict__ == flower.__dict__ and made == flower
+    assert made.object_id == flower.object_id
+    np.testing.assert_array_equal(made.numpy(), x)
+
+
+def test_array_record_holds_the_arrays_given_in_order():
+    from flwr.app import ArrayRecord
+
+    from fedsim.wire import array_record
+
+    arrays = {k: from_numpy(np.full(3, i, np.float32)) for i, k in enumerate(["b", "a", "c"])}
+    record = array_record(arrays)
+    assert list(record) == ["b", "a", "c"] and all(record[k] is arrays[k] for k in arrays)
+    assert record == ArrayRecord(arrays) and record.object_id == ArrayRecord(arrays).object_id

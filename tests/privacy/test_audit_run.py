@@ -250,7 +250,8 @@ def test_planted_noise_bug_in_dp_fedavg_is_caught_end_to_end(monkeypatch):
 
 @pytest.mark.slow
 def test_planted_noise_bug_in_dp_sgd_is_caught(monkeypatch):
-    """σ/3 in Opacus's noise draw inside ``DPOptimizer.add_noise``, the optimizer the dp_sgd plugin runs."""
+    """σ/3 in Opacus's noise draw (``_generate_noise``), which every grad-sample mode of the dp_sgd plugin calls
+    (``DPOptimizer.add_noise``; ``GhostLinear.private_grads`` for the audited MLP)."""
     import opacus.optimizers.optimizer as opacus_optimizer
 
     _noise_over_3(monkeypatch, opacus_optimizer, "_generate_noise", "std")

@@ -75,6 +75,39 @@ def test_digits():
     assert np.all(np.abs(train_share - 0.8) < 0.02), "split is stratified"
 
 
+def test_digits_are_scikit_learns_arrays_bit_for_bit():
+    # read from sklearn's bundled file without importing sklearn: the very arrays load_digits returns
+    from sklearn.datasets import load_digits
+
+    from fedsim.data.datasets import digits_arrays, split_train_test
+    from fedsim.rng import numpy_rng
+
+    data, target = digits_arrays()
+    bunch = load_digits()
+    assert data.dtype == bunch.data.dtype and np.array_equal(data, bunch.data)
+    assert target.dtype == np.int64 and np.array_equal(target, bunch.target)
+    # and the dataset built from them is the one built from load_digits
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    train, test = split_train_test(x, bunch.target, 0.2, numpy_rng(5, "dataset", "digits", "split"))
+    got = load_dataset("digits", 5, 0.2)
+    assert np.array_equal(got.x_train, x[train]) and np.array_equal(got.x_test, x[test])
+    assert np.array_equal(got.y_train, bunch.target[train]) and np.array_equal(got.y_test, bunch.target[test])
+
+
+def test_digits_without_scikit_learns_file_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    import fedsim.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "DIGITS_FILE", ("datasets", "data", "no-such-digits.csv.gz"))
+    with pytest.raises(DataError, match="no-such-digits.csv.gz.*not found") as err:
+        load_dataset("digits", 0, 0.2)
+    assert "install scikit-learn" in str(err.value)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(DataError, match="scikit-learn is not installed"):
+        load_dataset("digits", 0, 0.2)
+
+
 def test_synthetic_has_natural_users_and_options():
     data = load_dataset("synthetic", 0, 0.2, {"num_samples": 500, "num_users": 7, "dim": 12, "num_classes": 4})
     check_dataset(data, 4, (12,))

@@ -79,9 +79,20 @@ def _check_completed(summary: dict, out: Path, activations: int = 2) -> None:
 
 
 @needs_openssl
-def test_deploy_is_secure_by_default_tls_and_registered_supernodes(tmp_path):
+def test_deploy_is_secure_by_default_and_a_named_vanilla_client_app_serves_it_without_any_query(
+        tmp_path, monkeypatch):
+    """TLS and registered SuperNodes by default. With node authentication the engine knows every node id
+    before the run and hands the ServerApp ``{node id: partition}`` in the run config, so a vanilla
+    ClientApp (``run.client_app``, run by fedsim's ClientApp in every ``flwr-clientapp`` process) serves
+    (issue 14): no ``query.whoami`` reaches it, and each client's reply comes from the vanilla app on
+    that client's own partition. (One deployment checks both: each costs about a minute.)"""
+    from sklearn.datasets import load_digits
+
+    named = "tests.fedsim.engines.vanilla_app:named_app"
+    log = tmp_path / "vanilla.log"  # every message the vanilla app gets, one line each (its processes append)
+    monkeypatch.setenv("VANILLA_APP_LOG", str(log))
     out = tmp_path / "run"
-    summary = run_deploy(_scenario(), out, nodes=2)
+    summary = run_deploy(_scenario(run={"client_app": named}), out, nodes=2)
     _check_completed(summary, out)
     dep = summary["deploy"]
     assert dep["tls"] is True and dep["node_auth"] is True
@@ -90,9 +101,12 @@ def test_deploy_is_secure_by_default_tls_and_registered_supernodes(tmp_path):
     link_log = (out / "deploy-logs" / "superlink.log").read_text()
     assert link_log.count("[ControlServicer.RegisterNode] Created node_id=") == 2
     assert sorted(_activated(link_log)) == sorted(registered.values()), "the nodes that joined hold registered keys"
-    by_client = {c["client"]: c["node_id"] for c in read_jsonl(out / "clients.jsonl")}
-    assert set(by_client.values()) <= set(registered.values())
     assert "Uvicorn running on https://127.0.0.1:" in link_log  # the Control API speaks TLS too
+    assert summary["client_app"] == named and dep["node_directory"] == "run-config"
+    assert sorted(log.read_text().splitlines()) == ["train 0", "train 1"]  # one round; nothing else was sent
+    sizes = [len(load_digits().target[p::2]) for p in (0, 1)]  # the vanilla app's own split: 899, 898
+    for c in read_jsonl(out / "clients.jsonl"):
+        assert c["node_id"] == registered[f"supernode-{c['client']}"] and c["num_examples"] == sizes[c["client"]]
     _assert_clean(dep["scratch_dir"])
 
 
