@@ -15,7 +15,9 @@ COMPILE = env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q -j 0 -x 'py312_i
 PACKAGES = fedsim clients strategies privacy
 SCENARIO ?= scenarios/default.toml
 PYTEST_ARGS ?=
-# the suite runs on 2 worker processes (CI has 2 cores); each test file stays on one worker
+# the suite runs on 2 worker processes (CI has 2 cores); each test file stays on one worker, and files go
+# out in collection order (slow end-to-end tests first, tests/conftest.py), not xdist's default of the
+# files with most tests first, which left the minute-long deployment and Ray files to the end on one worker
 PYTEST_WORKERS ?= 2
 
 .PHONY: run test install test-deps bench clean
@@ -40,13 +42,15 @@ run: install
 	$(VENV)/bin/fedsim run $(SCENARIO)
 
 test: test-deps
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # one table: plain loop, fedsim default, vectorised, Ray engine, Flower's own Ray simulation (whole processes);
-# BENCH_ARGS=--quick for a cheap rerun; writes its section of bench/RESULTS.md and bench/bench_users.png
+# BENCH_ARGS=--quick for a cheap rerun; writes its section of bench/RESULTS.md and bench/bench_users.png;
+# then start-up (light commands against `import torch`, round 1 against later rounds) in its own section
 BENCH_ARGS ?=
 bench: install
 	$(PY) bench/bench_users.py $(BENCH_ARGS)
+	$(PY) bench/bench_startup.py --write
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -69,7 +69,7 @@ from fedsim.clients.runtime import ClientRuntime, runtime_for
 from fedsim.config import Scenario
 from fedsim.errors import ClientFailure
 from fedsim.faults import is_byzantine
-from fedsim.wire import from_numpy
+from fedsim.wire import array_record, from_numpy
 
 #: memory the stacked parameters, momentum, gradients and gathered batches of one chunk may use
 CHUNK_BYTES = 256 * 2**20
@@ -420,7 +420,7 @@ class BatchedFit:
         keys = list(model.state_dict())
         replies = []
         for j, cl in enumerate(clients):
-            arrays = ArrayRecord({k: from_numpy(cpu[names.index(k)][j].numpy()) for k in keys})
+            arrays = array_record({k: from_numpy(cpu[names.index(k)][j].numpy()) for k in keys})
             s = max(seen[j], 1)
             replies.append(fit_reply(cl.call, arrays, cl.y, int(cl.x.shape[0]), cl.steps,
                                      {"train_loss": losses[j] / s, "train_accuracy": float(rights[j]) / s}))

@@ -17,7 +17,7 @@ import torch
 from fedsim.config import Scenario, loads_scenario
 from fedsim.data.federation import Federation, federation_of
 from fedsim.errors import DataError
-from fedsim.models import build_model, resolve_device
+from fedsim.models import build_model, resolve_device, to_fast_layout
 from fedsim.rng import derive_seed
 from fedsim.wire import to_numpy
 
@@ -123,5 +123,6 @@ def _build(scenario: Scenario) -> ClientRuntime:
     device = resolve_device(scenario.run.device)
     fed = federation_of(scenario)
     shape, classes = tuple(fed.input_shape), int(fed.num_classes)
-    model = build_model(scenario.model, shape, classes, derive_seed(scenario.run.seed, "model-init")).to(device)
+    model = to_fast_layout(build_model(scenario.model, shape, classes, derive_seed(scenario.run.seed, "model-init")),
+                           device)
     return ClientRuntime(scenario=scenario, device=device, model=model, input_shape=shape, num_classes=classes)

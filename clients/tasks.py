@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 import fedsim.clients.plugins  # noqa: F401  (fills the plugin registry)
 from fedsim import faults
-from fedsim.clients.plugin_api import PluginStack, build_plugins, to_numpy_state
+from fedsim.clients.plugin_api import Event, PluginStack, build_plugins, to_numpy_state
 from fedsim.clients.runtime import ClientRuntime
 from fedsim.clients.trainer import TrainResult, train_local
 from fedsim.config import Scenario
@@ -71,6 +71,11 @@ class ClientCall:
 
     def rng(self, purpose: str) -> torch.Generator:
         return torch_generator(self.scenario.run.seed, purpose, self.round, self.partition_id)
+
+    def probe_rng(self, stack: PluginStack) -> torch.Generator | None:
+        """The probes' generator (seeded per run, purpose, round and client), made only when a plugin of
+        ``stack`` probes (deriving a seed costs about as much as a small client's training step)."""
+        return self.rng("probe") if stack.has(Event.PROBE) else None
 
     def progress_span(self) -> float:
         """The share of the federated run one round spans (1 / run.rounds)."""
@@ -166,7 +171,7 @@ def fit(call: ClientCall) -> RecordDict:
     res: TrainResult = train_local(
         model, x, y, call.scenario.client, stack, round=call.round, client_id=call.partition_id,
         seed=call.scenario.run.seed, rng=call.rng("train"), config=call.config,
-        progress=call.progress(), progress_span=call.progress_span(), probe_rng=call.rng("probe"),
+        progress=call.progress(), progress_span=call.progress_span(), probe_rng=call.probe_rng(stack),
     )
     call.save_plugins(stack)
     return fit_reply(call, call.attack_weights(state_to_arrays(model)), y, res.num_examples, res.steps, res.metrics)

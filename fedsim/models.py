@@ -37,6 +37,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(check_device(name))
 
 
+def to_fast_layout(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``; on a CPU, a model with 2-D convolutions is put in channels-last memory
+    format, where PyTorch runs its convolutions with oneDNN's kernels instead of the generic ones: the
+    built-in CNN's training step takes about a third less time at one thread (``bench/RESULTS.md``).
+    Only the strides of the 4-D weights change: shapes, state dicts (read in logical order) and the
+    inputs are as before; results equal the contiguous layout's to float rounding, and a given
+    scenario and seed always run the same kernels, so runs stay reproducible."""
+    model = model.to(device)
+    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)

@@ -28,7 +28,7 @@ from fedsim.config import Scenario
 from fedsim.data.federation import federation_of
 from fedsim.errors import (CheckpointError, ConfigError, FailedRoundError, FedSimError, QuorumError,
                            RunDirectoryError)
-from fedsim.models import build_model, resolve_device
+from fedsim.models import build_model, resolve_device, to_fast_layout
 from fedsim.privacy.ledger import build_ledger
 from fedsim.privacy.mechanisms import RoundOutcome
 from fedsim.results import RunRecorder, create_run_dir, prepare_out_dir, resume_point
@@ -52,8 +52,8 @@ class ServerRuntime:
         ds = self.federation.dataset
         self.device = resolve_device(scenario.run.device)
         torch.set_num_threads(scenario.run.threads)
-        self.model = build_model(scenario.model, tuple(ds.input_shape), int(ds.num_classes),
-                                 derive_seed(scenario.run.seed, "model-init")).to(self.device)
+        self.model = to_fast_layout(build_model(scenario.model, tuple(ds.input_shape), int(ds.num_classes),
+                                                derive_seed(scenario.run.seed, "model-init")), self.device)
         self.x_test = torch.tensor(np.asarray(ds.x_test), dtype=torch.float32, device=self.device)
         self.y_test = torch.tensor(np.asarray(ds.y_test), dtype=torch.long, device=self.device)
         self.eval_hooks = plugin_eval_hooks(scenario)

@@ -44,7 +44,7 @@ def dct_lowrank_task(call: ClientCall) -> RecordDict:
     stack = call.plugins()
     res = train_local(model, x, y, call.scenario.client, stack, round=call.round, client_id=call.partition_id,
                       seed=call.scenario.run.seed, rng=call.rng("train"), config=call.config,
-                      progress=call.progress(), progress_span=call.progress_span(), probe_rng=call.rng("probe"))
+                      progress=call.progress(), progress_span=call.progress_span(), probe_rng=call.probe_rng(stack))
     call.save_plugins(stack)
     density = float(call.config["dct-density"])
     out: dict[str, Any] = {}

@@ -62,7 +62,7 @@ def scalecom_task(call: ClientCall) -> RecordDict:
         x, y = call.data()
         res = train_local(model, x, y, call.scenario.client, stack, round=call.round, client_id=call.partition_id,
                           seed=call.scenario.run.seed, rng=call.rng("train"), config=call.config,
-                          progress=call.progress(), progress_span=call.progress_span(), probe_rng=call.rng("probe"))
+                          progress=call.progress(), progress_span=call.progress_span(), probe_rng=call.probe_rng(stack))
         plugin.counts = np.array([res.num_examples, res.steps], np.int64)
         content: dict[str, Any] = {"metrics": call.reply_metrics(**res.metrics)}
         if int(call.config.get("scalecom-leader", 0)):

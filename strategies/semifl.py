@@ -184,7 +184,7 @@ def semifl_client(call: ClientCall) -> RecordDict:
     res = train_local(model, x[fix], yhat[fix], call.scenario.client, stack, round=call.round,
                       client_id=call.partition_id, seed=call.scenario.run.seed, rng=gen, config=c,
                       progress=call.progress(), progress_span=call.progress_span(), optimizer=opt,
-                      probe_rng=call.rng("probe"))
+                      probe_rng=call.probe_rng(stack))
     call.save_plugins(own)
     n = int(x.shape[0])
     plugin_metrics = {k: v for k, v in res.metrics.items() if "/" in k}

@@ -43,5 +43,7 @@ def pytest_collection_modifyitems(config, items):
     once on every worker and the many sub-second tests fill the gaps at the end, instead of one
     worker finishing a deployment file alone while the other is idle. The sort is stable, so the
     order within each group is the collection order (the same on every worker, as xdist needs).
+    Under ``--dist loadfile`` this needs ``--no-loadscope-reorder`` (``make test`` passes it): by
+    default xdist hands out the files with the most tests first, whatever their order here.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

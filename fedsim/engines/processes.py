@@ -146,6 +146,7 @@ class LocalFederation:
     #: node id -> (partition-id, num-partitions) of the SuperNode started with that node's registered key
     node_partitions: dict[int, tuple[int, int]] = field(default_factory=dict)
     _key_ids: dict[bytes, int] = field(default_factory=dict, repr=False)  # registered public key -> node id
+    _control: Any = field(default=None, repr=False)  # Flower's Control API client, made on first use
 
     @property
     def node_auth(self) -> bool:  # exactly when TLS is on: Flower refuses node auth without TLS
@@ -205,7 +206,7 @@ class LocalFederation:
         if self.node_auth:  # one key per node, made for this run and registered before any node starts
             keys = [self.workdir / "keys" / f"supernode-{i}" for i in range(self.nodes)]
             pubs = [make_node_key(k) for k in keys]
-            with ThreadPoolExecutor(max_workers=min(4, self.nodes)) as pool:  # each is a `flwr` CLI process
+            with ThreadPoolExecutor(max_workers=min(4, self.nodes)) as pool:  # each a Control API request
                 list(pool.map(lambda i: self.register_key(pubs[i], f"supernode-{i}"), range(self.nodes)))
             self.timings["nodes_registered_s"] = round(time.monotonic() - t1, 2)
         for i, port in enumerate(node_ports):
@@ -214,20 +215,48 @@ class LocalFederation:
         self._wait_activated(deadline)
         self.timings["nodes_ready_s"] = round(time.monotonic() - t1, 2)
 
+    def control_client(self):
+        """Flower's Control API client for this SuperLink (``ControlHttpClient``, TLS-verified against the
+        federation's CA), as the ``flwr`` CLI builds it, but made once and used from this process: a
+        ``flwr`` CLI process costs ≈ 2 s of CPU, which the federation's own processes need."""
+        if self._control is None:
+            from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+            from flwr.supercore.control import ControlHttpClient
+            from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+            self._control = ControlHttpClient.from_server_address(
+                server_address=f"{LOOPBACK}:{self.http_port}", insecure=self.certs is None,
+                root_certificates=None if self.certs is None else str(self.certs.ca),
+                interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+        return self._control
+
     def register_key(self, public_key: Path, name: str) -> int:
-        """Register a SuperNode public key (``flwr supernode register``) as ``name``; its node id."""
-        res = self.flwr("supernode", "register", str(public_key), CONNECTION, "--name", name,
-                        "--format", "json", timeout=120)
-        start, end = res.stdout.find("{"), res.stdout.rfind("}")
-        with contextlib.suppress(ValueError):
-            data = json.loads(res.stdout[start:end + 1])
-            if res.returncode == 0 and data.get("success") and data.get("node-id"):
-                self.registered[name] = int(data["node-id"])
-                self._key_ids[_key_text(public_key.read_bytes())] = self.registered[name]
-                return self.registered[name]
-        raise EngineError(f"`flwr supernode register` failed for {name} (exit {res.returncode}): "
-                          f"{(res.stdout + res.stderr).strip()[-600:]}\n--- superlink log\n{_tail(self.superlink_log, 12)}",
-                          "see the SuperLink log; node keys must be EC keys on a NIST curve in OpenSSH format")
+        """Register a SuperNode public key as ``name`` (the ``RegisterNode`` request of ``flwr supernode
+        register``, through :meth:`control_client`); its node id."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
+
+        fix = "see the SuperLink log; node keys must be EC keys on a NIST curve in OpenSSH format"
+        try:
+            key = serialization.load_ssh_public_key(public_key.read_bytes())
+            if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):
+                raise ValueError(f"{type(key).__name__} is not an EC key on a NIST curve")
+        except (OSError, ValueError) as err:
+            raise EngineError(f"the public key of {name} ({public_key}) cannot be registered: {err}", fix) from None
+        try:
+            res = self.control_client().RegisterNode(
+                request=RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
+        except Exception as err:  # noqa: BLE001 - refused, unreachable: said with the SuperLink's log
+            raise EngineError(f"registering the key of {name} failed: {type(err).__name__}: {str(err)[-400:]}\n"
+                              f"--- superlink log\n{_tail(self.superlink_log, 12)}", fix) from None
+        if not res.node_id:
+            raise EngineError(f"the SuperLink registered no node id for {name}\n--- superlink log\n"
+                              f"{_tail(self.superlink_log, 12)}", fix)
+        self.registered[name] = int(res.node_id)
+        self._key_ids[_key_text(public_key.read_bytes())] = self.registered[name]
+        return self.registered[name]
 
     def add_supernode(self, name: str, node_config: dict[str, Any], port: int | None = None,
                       private_key: Path | None = None) -> None:
@@ -249,6 +278,10 @@ class LocalFederation:
 
     def stop(self) -> None:
         """SIGTERM the SuperNodes, then the SuperLink; SIGKILL every process group after the grace period."""
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                self._control.close()
+            self._control = None
         nodes = [p for p in self.procs if p.name != "superlink"]
         links = [p for p in self.procs if p.name == "superlink"]
         for group in (nodes, links):
