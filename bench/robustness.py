@@ -80,7 +80,7 @@ def run_cell(job: tuple) -> dict:
     from fedsim.catalog import registries, resolve
     from fedsim.config import scenario_from_dict
     from fedsim.engines.local import run_local
-    from fedsim.errors import ConfigError
+    from fedsim.errors import ConfigError, FedSimError
     from fedsim.faults import check_attack
 
     f = round(frac * N)
@@ -95,7 +95,10 @@ def run_cell(job: tuple) -> dict:
         return {**row, "status": "refused", "note": str(err)}
     t0, c0 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as out:
-        summary = run_local(scen, Path(out) / "run")
+        try:
+            summary = run_local(scen, Path(out) / "run")
+        except FedSimError as err:  # a typed stop (e.g. a round the aggregator refused): summary.json says so
+            summary = {"status": f"stopped: {type(err).__name__}", "error": str(err)}
     row.update(wall_s=f"{time.perf_counter() - t0:.2f}", cpu_s=f"{time.process_time() - c0:.2f}")
     if summary.get("status") != "completed":
         return {**row, "status": "failed", "note": str(summary.get("error", summary.get("status")))[:300]}
@@ -285,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(jobs)}] {row['strategy']} {row['attack']} f={row['f']} s={row['seed']}: "
                       f"{row['status']} {row['test_accuracy']}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
-    conv = {label: convergence(label, args.rounds, args.gradient_rounds) for label in args.strategies}
+    conv = {}
+    if args.resume and (args.out / "robustness.json").exists():  # keep the strategies not run again
+        conv = json.loads((args.out / "robustness.json").read_text()).get("convergence", {})
+    conv.update({label: convergence(label, args.rounds, args.gradient_rounds) for label in args.strategies})
     cmd = ("python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     meta = {"command": cmd, "wall_s": wall, "convergence": conv}
     (args.out / "robustness.json").write_text(json.dumps(meta, indent=1) + "\n")

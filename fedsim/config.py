@@ -64,8 +64,9 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0 = never; such a run "
                                   "cannot be resumed)")
     on_failed_round: Literal["stop", "continue"] = Field(
-        "stop", description="a round with no valid reply (or below quorum) leaves the model unchanged: stop "
-        "the run there with FailedRoundError (exit code 10), or continue and count it in summary.json")
+        "stop", description="a round with no valid reply (below quorum, or refused by the aggregator) leaves the "
+        "model unchanged: stop the run there with FailedRoundError (exit code 10), or continue and count it in "
+        "summary.json")
     require_all_partitions: bool = Field(
         False, description="refuse, before round 1, a federation in which some of the data.num_clients "
         "partitions have no node (by default such partitions are a warning and never train)")

@@ -310,8 +310,9 @@ def check_partitions(grid: Grid, strategy: FedSimStrategy, scenario: Scenario, s
 
 
 def _round_failure(rnd: int, strategy: FedSimStrategy) -> str | None:
-    """Why round ``rnd`` failed — below quorum, or no valid reply from any sampled client (a client
-    that sat out or straggled by design answered) — or ``None``."""
+    """Why round ``rnd`` failed — below quorum, no valid reply from any sampled client (a client
+    that sat out or straggled by design answered), or valid replies the strategy refused to aggregate
+    (:class:`~fedsim.errors.AggregationError`, unless ``aggregation_may_skip``) — or ``None``."""
     kinds = Counter(f.kind for f in strategy.failures if f.partition_id is not None)
     what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
     if strategy.sampled and not strategy.last_updates and not kinds.keys() & {"sat-out", "straggler"}:
@@ -320,6 +321,10 @@ def _round_failure(rnd: int, strategy: FedSimStrategy) -> str | None:
     quorum = [f for f in strategy.failures if f.partition_id is None and f.kind == "quorum"]
     if quorum:
         return f"round {rnd} failed: {quorum[0].reason} ({what or 'no client failure recorded'})"
+    refused = [f for f in strategy.failures if f.partition_id is None and f.kind == "aggregation"]
+    if refused and not strategy.aggregation_may_skip:
+        return (f"round {rnd} failed: {strategy.name} refused to aggregate the {len(strategy.last_updates)} valid "
+                f"replies ({refused[0].reason}); the model was left unchanged")
     return None
 
 

@@ -81,6 +81,10 @@ class FedSimStrategy(Strategy):
     reply_array_key: ClassVar[str] = "arrays"
     #: smallest ``num-examples`` a valid reply may report
     min_num_examples: ClassVar[int] = 1
+    #: whether a refused aggregation (``aggregation`` failure: the round left the model unchanged) is
+    #: one of the method's own outcomes rather than a failed round (coded gradients: "wait or skip,
+    #: never a wrong step", reported as ``decoded = 0``); otherwise it fails the round like a quorum
+    aggregation_may_skip: ClassVar[bool] = False
 
     def __init__(self, scenario: Scenario, options: Any | None = None) -> None:
         self.scenario = scenario

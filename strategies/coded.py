@@ -175,6 +175,7 @@ class CodedGD(FedSimStrategy):
     tiny_overrides = ("strategy.s=1", "strategy.p=0.3")
     Options = CodedOptions
     min_num_examples = 0   # a worker may have nothing to compute for a job (an empty piece)
+    aggregation_may_skip = True  # an undecodable round is the method's skip (decoded = 0), not a failed round
 
     # ------------------------------------------------------------------ set-up
     def __init__(self, scenario: Scenario, options: Any | None = None) -> None:

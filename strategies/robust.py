@@ -11,10 +11,11 @@ coordinate as it does with a bare ``np.median``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from fedsim.errors import AggregationError
+from fedsim.errors import AggregationError, ConfigError
 from fedsim.strategies.fedavg_math import coordinate_median, multi_krum, trimmed_mean
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
 
@@ -55,6 +56,22 @@ class Krum(FedSimStrategy):
         def __post_init__(self) -> None:
             if self.num_malicious < 0 or self.num_selected < 1:
                 raise ValueError("num_malicious must be >= 0 and num_selected >= 1")
+
+    def __init__(self, scenario: Any, options: Any | None = None) -> None:
+        super().__init__(scenario, options)
+        m, f, k = self.sample_size(), self.options.num_malicious, self.options.num_selected
+        if m <= 2 * f + 2:  # every round would be refused and the model never trained
+            raise ConfigError("strategy.num_malicious",
+                              f"Krum needs more than 2f + 2 = {2 * f + 2} updates a round, and this scenario samples "
+                              f"{m} clients a round (max(floor(fraction_train · {self.num_partitions}), "
+                              f"min_train_clients)), so every round would be refused",
+                              f"sample at least {2 * f + 3} clients a round (strategy.fraction_train or "
+                              f"strategy.min_train_clients) or lower strategy.num_malicious")
+        if k > m - f:  # more than m - f picks must include a Byzantine update whenever f are present
+            raise ConfigError("strategy.num_selected",
+                              f"Multi-Krum averaging {k} of the {m} updates of a round would include at least "
+                              f"{k - (m - f)} of the {f} Byzantine updates it assumes (num_malicious)",
+                              f"set strategy.num_selected <= {m - f} (m - f; 1 = Krum)")
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         m, f = len(updates), self.options.num_malicious

@@ -288,7 +288,8 @@ def test_every_strategy_reports_the_bytes_of_its_messages(name, tmp_path):
     """Each message a strategy sends or receives is sized by the fast rules (no fallback), and the run's
     totals are the sizes of those messages as an object store holds them."""
     cls = registries()["strategies"].get(name)
-    sets = [f'strategy.name="{name}"', "strategy.min_train_clients=4", *getattr(cls, "tiny_overrides", ())]
+    sets = [f'strategy.name="{name}"', "data.num_clients=6", "strategy.min_train_clients=6",
+            *getattr(cls, "tiny_overrides", ())]
     sent: list[Message] = []
     received: list[Message] = []
 
