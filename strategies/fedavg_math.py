@@ -40,13 +40,18 @@ def coordinate_median(updates: Sequence[Arrays]) -> Arrays:
             for layer in zip(*updates)]
 
 
+def trimmed_per_side(beta: float, m: int) -> int:
+    """Values the β-trimmed mean drops at each end of a coordinate among ``m``: ``floor(β·m)``."""
+    return int(np.floor(beta * m))
+
+
 def trimmed_mean(updates: Sequence[Arrays], beta: float) -> Arrays:
     """Coordinate-wise β-trimmed mean: drop the ``floor(β·m)`` largest and smallest values per coordinate.
 
     Yin, Chen, Ramchandran, Bartlett, ICML 2018. ``0 <= beta < 0.5``.
     """
     m = len(updates)
-    k = int(np.floor(beta * m))
+    k = trimmed_per_side(beta, m)
     if not 0 <= beta < 0.5 or m - 2 * k < 1:
         raise ValueError(f"beta={beta} leaves no value to average among {m} updates")
     out = []

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.errors import AggregationError, ConfigError
-from fedsim.strategies.fedavg_math import coordinate_median, multi_krum, trimmed_mean
+from fedsim.strategies.fedavg_math import coordinate_median, multi_krum, trimmed_mean, trimmed_per_side
 from fedsim.strategies.base import ClientUpdate, FedSimStrategy, register_strategy
 
 
@@ -40,8 +40,26 @@ class TrimmedMean(FedSimStrategy):
             if not 0 <= self.beta < 0.5:
                 raise ValueError(f"beta must lie in [0, 0.5), got {self.beta}")
 
+    tiny_overrides = ("strategy.beta=0.2",)  # the tests' 6-client rounds: floor(0.1 · 6) would trim nothing
+
+    def __init__(self, scenario: Any, options: Any | None = None) -> None:
+        super().__init__(scenario, options)
+        m, beta = self.sample_size(), self.options.beta
+        if beta > 0 and trimmed_per_side(beta, m) == 0:  # the defence asked for would be the plain mean
+            raise ConfigError("strategy.beta",
+                              f"the trimmed mean drops floor(beta · m) = floor({beta:g} · {m}) = 0 values per side of "
+                              f"each coordinate: with {m} clients a round it would be the plain, undefended mean",
+                              f"set strategy.beta >= {1 / m:.3g} (1/m) or sample more clients a round "
+                              "(beta = 0 asks for the plain mean explicitly)")
+
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         return trimmed_mean([u.arrays for u in updates], self.options.beta)
+
+    def train_metrics(self, updates: list[ClientUpdate]) -> dict[str, float | int]:
+        """The base metrics and ``trimmed-per-side``: the values dropped at each end of every coordinate this
+        round (fewer valid replies can make it 0: that round's mean was not trimmed)."""
+        trimmed = trimmed_per_side(self.options.beta, len(updates))
+        return {**super().train_metrics(updates), "trimmed-per-side": trimmed}
 
 
 @register_strategy

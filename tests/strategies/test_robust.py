@@ -1,7 +1,10 @@
-"""Krum's bound (Blanchard et al., NeurIPS 2017: more than 2f + 2 updates) and what happens below it.
+"""Robust aggregators whose settings could silently do nothing.
 
-A scenario whose every round would be refused is refused before the run; a round that falls below
-the bound at run time (clients crashed) is a failed round — never a "completed" run that trained nothing.
+Krum's bound (Blanchard et al., NeurIPS 2017: more than 2f + 2 updates): a scenario whose every round
+would be refused is refused before the run; a round that falls below the bound at run time (clients
+crashed) is a failed round — never a "completed" run that trained nothing. The trimmed mean (Yin et al.,
+ICML 2018) drops floor(β·m) values per side: a β that trims nothing is refused before the run, and each
+round reports how many it trimmed.
 """
 
 from __future__ import annotations
@@ -57,3 +60,23 @@ def test_continue_counts_the_refused_round_and_leaves_the_model(tmp_path):
     ckpt = [load_checkpoint(tmp_path / "checkpoints" / f"round_000{r}.npz")["model"] for r in (1, 2, 3)]
     assert all(np.array_equal(a, b) for a, b in zip(ckpt[0], ckpt[1]))      # round 2 changed nothing
     assert any(not np.array_equal(a, b) for a, b in zip(ckpt[1], ckpt[2]))  # round 3 trained again
+
+
+@pytest.mark.parametrize("beta, sampled", [(0.1, 6), (0.1, 9), (0.2, 4), (0.3, 3)])
+def test_trimmed_mean_refuses_a_beta_that_trims_nothing(tmp_path, beta, sampled):
+    s = tiny(['strategy.name="trimmed_mean"', f"strategy.beta={beta}", f"data.num_clients={sampled}",
+              f"strategy.min_train_clients={sampled}"])
+    with pytest.raises(ConfigError, match="= 0 values per side") as err:
+        run_local(s, tmp_path / "run")
+    assert err.value.key == "strategy.beta" and "1/m" in err.value.hint
+    assert not (tmp_path / "run").exists()
+
+
+def test_trimmed_mean_reports_what_it_trimmed_each_round(tmp_path):
+    base = ['strategy.name="trimmed_mean"', "strategy.beta=0.2", "data.num_clients=5",
+            "strategy.min_train_clients=5", "run.rounds=3"]
+    run_local(tiny([*base, "faults.crash_clients=[0]", "faults.crash_rounds=[2]"]), tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")[1:]
+    # floor(0.2 · 5) = 1 per side; round 2 has 4 valid replies: floor(0.8) = 0, that round's mean is untrimmed
+    assert [r["trimmed-per-side"] for r in rows] == [1, 0, 1]
+    assert run_local(tiny([*base[:-1], "strategy.beta=0.0"]), tmp_path / "plain")["status"] == "completed"
