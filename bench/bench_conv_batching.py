@@ -127,10 +127,12 @@ def main() -> None:
             times[name].append((time.process_time() - t0) / args.steps)
     plain = statistics.median(times["per client, contiguous"])
     print(f"grouped step's gradients = per-client gradients to {diff:.1e}")
-    print(f"one step of {k} clients × batch {b}, CNN (16, 32) on 1×28×28, 1 thread, CPU ms (median of {args.repeats})")
+    print(f"one step of {k} clients × batch {b}, CNN (16, 32) on 1×28×28, 1 thread, CPU ms "
+          f"(median of {args.repeats})")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:28s} {1000 * med:7.1f} ms   {med / plain:5.2f}×   [{', '.join(f'{1000 * t:.1f}' for t in ts)}]")
+        runs = ", ".join(f"{1000 * t:.1f}" for t in ts)
+        print(f"  {name:28s} {1000 * med:7.1f} ms   {med / plain:5.2f}×   [{runs}]")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedsim.config_hints import privacy_setting_without_effect, to_config_error, unknown_key_hint
+from fedsim.config_hints import pld_noise_too_small, privacy_setting_without_effect, to_config_error, unknown_key_hint
 from fedsim.errors import ConfigError
+from fedsim.privacy.bounds import MAX_NOISE, MIN_NOISE
 
 
 class _Section(BaseModel):
@@ -226,8 +227,8 @@ class PrivacyConfig(_Section):
                 raise ConfigError(f"privacy.{key}", f"{sigma} is outside 0 or [{MIN_NOISE}, {MAX_NOISE:g}], where "
                                   "the privacy accountants' arithmetic is sound",
                                   f"set privacy.{key} = 0 (off) or a value in [{MIN_NOISE}, {MAX_NOISE:g}]")
-        if (unused := privacy_setting_without_effect(self)) is not None:
-            raise ConfigError(*unused)
+        if (refused := pld_noise_too_small(self) or privacy_setting_without_effect(self)) is not None:
+            raise ConfigError(*refused)
         if self.max_epsilon and self.target_epsilon > self.max_epsilon:
             raise ConfigError("privacy.target_epsilon", f"{self.target_epsilon:g} is above the budget "
                               f"privacy.max_epsilon = {self.max_epsilon:g}, so the run would be stopped before its "
@@ -235,7 +236,6 @@ class PrivacyConfig(_Section):
         return self
 
 
-MIN_NOISE, MAX_NOISE = 1e-3, 1e6  #: the range of a non-zero noise multiplier in ``[privacy]``
 
 
 class FaultsConfig(_Section):

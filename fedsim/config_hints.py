@@ -104,6 +104,18 @@ _ADAPTIVE_ONLY = ("target_quantile", "clip_lr", "count_noise")
 _COUNTERS_ONLY = ("counter", "counter_noise")
 
 
+def pld_noise_too_small(privacy: Any) -> tuple[str, str, str] | None:
+    """``(key, why, fix)`` when ``privacy.accountant = "pld"`` is asked to account a noise multiplier below
+    :data:`fedsim.privacy.bounds.PLD_MIN_NOISE` (its loss grid would take minutes and gigabytes), else ``None``."""
+    from fedsim.privacy.bounds import PLD_MIN_NOISE
+
+    if privacy.accountant == "pld" and 0 < privacy.noise_multiplier < PLD_MIN_NOISE:
+        return ("privacy.noise_multiplier", f"{privacy.noise_multiplier:g} is below {PLD_MIN_NOISE:g}, where the PLD "
+                "accountant's loss grid needs minutes and gigabytes (fedsim.privacy.bounds)",
+                f"use privacy.accountant = \"rdp\" for such noise, or a noise multiplier >= {PLD_MIN_NOISE:g}")
+    return None
+
+
 def privacy_setting_without_effect(privacy: Any) -> tuple[str, str, str] | None:
     """``(key, why, fix)`` of the first ``[privacy]`` setting changed from its default that the run would
     never read with this ``mechanism`` (and ``adaptive_clipping`` / ``release_counters``), else ``None``."""

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedsim.errors import ConfigError
+from fedsim.privacy.bounds import MIN_NOISE, PLD_MIN_NOISE
 from fedsim.privacy.analysis import poisson_gaussian_rdp, quiet_absl, zcdp_to_epsilon
 from fedsim.privacy.events import (EVENT_TYPES, Event, FixedSizeGaussianEvent, GaussianEvent, PoissonGaussianEvent,
                                    ZCDPEvent, event_from_dict, event_rho, event_sample_rate, event_to_dict,
@@ -61,6 +62,8 @@ class Accountant:
     """
 
     name: ClassVar[str] = ""
+    #: the smallest non-zero Gaussian noise multiplier this accountant takes (``fedsim.privacy.bounds``)
+    min_noise: ClassVar[float] = MIN_NOISE
 
     def __init__(self) -> None:
         self._ledger: list[tuple[Event, int]] = []
@@ -231,6 +234,7 @@ class PldAccountant(Accountant):
     """
 
     name = "pld"
+    min_noise = PLD_MIN_NOISE
 
     def __init__(self, value_discretization_interval: float = 1e-4) -> None:
         super().__init__()
@@ -241,6 +245,13 @@ class PldAccountant(Accountant):
 
     def _validate(self, ledger: list[tuple[Event, int]]) -> None:
         for ev, _ in ledger:
+            z = _gaussian_noise(ev)
+            if 0 < z < self.min_noise:
+                raise ConfigError("privacy.accountant",
+                                  f"the PLD accountant's loss grid at noise multiplier {z:.3g} (below "
+                                  f"{self.min_noise:g}) needs minutes and gigabytes, growing as 1/σ² "
+                                  "(fedsim.privacy.bounds)",
+                                  "use the 'rdp' accountant for such noise (milliseconds), or more noise")
             if isinstance(ev, FixedSizeGaussianEvent) and ev.sample_rate < 1:
                 raise ConfigError("privacy.accountant",
                                   "the PLD accountant cannot account sampling without replacement "
@@ -289,6 +300,15 @@ class ZcdpAccountant(Accountant):
 
     def _epsilon_from_ledger(self, ledger: list[tuple[Event, int]], delta: float) -> float:
         return zcdp_to_epsilon(_total_rho(ledger), delta)
+
+
+def _gaussian_noise(event: Event) -> float:
+    """The noise multiplier of the Gaussian behind ``event`` (a Gaussian zCDP event's is 1/sqrt(2ρ)); 0 for none."""
+    if isinstance(event, ZCDPEvent):
+        return 1.0 / math.sqrt(2.0 * event.rho) if event.gaussian and event.rho > 0 else 0.0
+    if isinstance(event, FixedSizeGaussianEvent):
+        return event.noise_multiplier / event.replace_sensitivity
+    return float(getattr(event, "noise_multiplier", 0.0))
 
 
 def _total_rho(ledger: list[tuple[Event, int]]) -> float:

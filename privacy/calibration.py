@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accountants import make_accountant
+from fedsim.privacy.accountants import ACCOUNTANTS, make_accountant
 from fedsim.privacy.events import Event, sampled_event
 
-__all__ = ["Calibration", "calibrate", "calibrate_noise_multiplier", "epsilon_for"]
+__all__ = ["Calibration", "calibrate", "calibrate_noise_multiplier", "epsilon_for", "noise_floor"]
 
 SIGMA_MIN = 1e-3
 SIGMA_MAX = 1e4
@@ -80,11 +80,17 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     context = f"q={sample_rate:g}, {steps} steps, {accountant} accountant"
     return calibrate(lambda sigma: epsilon_for(sigma, sample_rate, steps, delta, accountant, sampling, population),
                      target_epsilon, delta=delta, context=context, epsilon_tolerance=epsilon_tolerance,
-                     sigma_rtol=sigma_rtol)
+                     sigma_rtol=sigma_rtol, floor=noise_floor(accountant))
+
+
+def noise_floor(accountant: str) -> float:
+    """The smallest σ a calibration for ``accountant`` tries: :data:`SIGMA_MIN`, or the accountant's own floor
+    where it is higher (PLD: ``fedsim.privacy.bounds.PLD_MIN_NOISE``)."""
+    return max(SIGMA_MIN, ACCOUNTANTS.get(accountant, key="privacy.accountant").min_noise)
 
 
 def calibrate(epsilon_of: Callable[[float], float], target_epsilon: float, *, delta: float, context: str,
-              epsilon_tolerance: float = 0.01, sigma_rtol: float = 1e-4) -> Calibration:
+              epsilon_tolerance: float = 0.01, sigma_rtol: float = 1e-4, floor: float = SIGMA_MIN) -> Calibration:
     """Smallest σ (to tolerance) with ``epsilon_of(σ) ≤ target_epsilon``, for any ε(σ) that falls as σ grows.
 
     A bisection in log σ that returns only a σ it evaluated with ε ≤ target (never an interpolation).
@@ -101,6 +107,8 @@ def calibrate(epsilon_of: Callable[[float], float], target_epsilon: float, *, de
         What is being calibrated, for the message when the target is unreachable.
     epsilon_tolerance, sigma_rtol : float
         Stop once target − ε(σ) < ``epsilon_tolerance`` or the bracket on σ is ``sigma_rtol`` narrow.
+    floor : float (default: :data:`SIGMA_MIN`)
+        The smallest σ tried; when even it meets the target, it is returned (ε below the target).
 
     Raises
     ------
@@ -128,12 +136,12 @@ def calibrate(epsilon_of: Callable[[float], float], target_epsilon: float, *, de
     lo = hi / 4.0 if hi > 1.0 else hi
     if hi <= 1.0:
         while True:
-            lo = max(lo / 4.0, SIGMA_MIN)
+            lo = max(lo / 4.0, floor)
             eps_lo = eps(lo)
             if eps_lo > target_epsilon:
                 break
             hi, eps_hi = lo, eps_lo
-            if lo <= SIGMA_MIN:
+            if lo <= floor:
                 return Calibration(hi, eps_hi, evaluations)
     # Invariant: eps(hi) <= target < eps(lo).
     while target_epsilon - eps_hi >= epsilon_tolerance and (hi - lo) > sigma_rtol * hi:
@@ -190,13 +198,13 @@ def calibrate_scenario(scenario: Any, strategy_cls: Any) -> Calibration:
 
         names = ", ".join(m.name for m in mechanisms)
         context = f"{names} over {rounds} rounds, {p.accountant} accountant, counters ε = {fixed:.3g}"
-        found = _calibrate_worst_case(mechanisms, fixed, target, delta, rounds, context)
+        found = _calibrate_worst_case(mechanisms, fixed, target, delta, rounds, context, noise_floor(p.accountant))
         _RUN_CALIBRATIONS[key] = found
     return _RUN_CALIBRATIONS[key]
 
 
 def _calibrate_worst_case(mechanisms: list[Any], fixed: float, target: float, delta: float, rounds: int,
-                          context: str) -> Calibration:
+                          context: str, floor: float = SIGMA_MIN) -> Calibration:
     """Bisect σ on the worst clients only (one DP-SGD client at first: ε of each size is one RDP curve),
     then check every client at the σ found; a client worse there joins the candidates and σ is searched
     again. The answer is the σ whose *full* planned total is ≤ ``target``."""
@@ -213,7 +221,7 @@ def _calibrate_worst_case(mechanisms: list[Any], fixed: float, target: float, de
     while True:
         active = [m.narrowed(candidates[k]) if k in candidates else m for k, m in enumerate(mechanisms)]
         found = calibrate(lambda sigma: total(sigma, active), target, delta=delta, context=context,
-                          epsilon_tolerance=target * 1e-3, sigma_rtol=1e-6)
+                          epsilon_tolerance=target * 1e-3, sigma_rtol=1e-6, floor=floor)
         evaluations += found.evaluations + 1
         full = total(found.noise_multiplier, mechanisms)
         if full <= target:

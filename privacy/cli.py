@@ -37,7 +37,8 @@ def epsilon(
 
     kind = "fixed" if sampling in ("without-replacement", "fixed") else sampling
     r = eps(noise, sample_rate, steps, delta, accountant, kind, population)
-    _emit(r, fmt, f"ε = {r['epsilon']:.6g} at δ = {delta:g} ({accountant}, {sampling})")
+    shown = f"{r['epsilon']:.6g}" if r["finite"] else "∞ (no noise)"
+    _emit(r, fmt, f"ε = {shown} at δ = {delta:g} ({accountant}, {sampling})")
 
 
 @privacy_app.command()

@@ -47,8 +47,8 @@ class TrimmedMean(FedSimStrategy):
         m, beta = self.sample_size(), self.options.beta
         if beta > 0 and trimmed_per_side(beta, m) == 0:  # the defence asked for would be the plain mean
             raise ConfigError("strategy.beta",
-                              f"the trimmed mean drops floor(beta · m) = floor({beta:g} · {m}) = 0 values per side of "
-                              f"each coordinate: with {m} clients a round it would be the plain, undefended mean",
+                              f"the trimmed mean drops floor(beta · m) = floor({beta:g} · {m}) = 0 values per side "
+                              f"of each coordinate: with {m} clients a round it would be the plain, undefended mean",
                               f"set strategy.beta >= {1 / m:.3g} (1/m) or sample more clients a round "
                               "(beta = 0 asks for the plain mean explicitly)")
 
