@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedsim.config_hints import pld_noise_too_small, privacy_setting_without_effect, to_config_error, unknown_key_hint
+from fedsim.config_checks import DEFAULT_STRAGGLER_SLOWDOWN, check_sections_agree
 from fedsim.errors import ConfigError
 from fedsim.privacy.bounds import MAX_NOISE, MIN_NOISE
 
@@ -241,7 +242,7 @@ class PrivacyConfig(_Section):
 class FaultsConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability a sampled client drops per round")
     stragglers: float = Field(0.0, ge=0.0, le=1.0, description="probability a client is slow in a round")
-    straggler_slowdown: float = Field(5.0, ge=1.0)
+    straggler_slowdown: float = Field(DEFAULT_STRAGGLER_SLOWDOWN, ge=1.0)
     crash_clients: list[int] = Field(default_factory=list, description="clients whose ClientApp raises")
     crash_rounds: list[int] = Field(default_factory=list, description="rounds they raise in (empty = all)")
     crash_mode: Literal["raise", "exit"] = Field(
@@ -293,42 +294,13 @@ class Scenario(_Section):
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "Scenario":  # crashes of real clients in real rounds; enough clients
-        return check_min_train_clients(check_crash_faults(self))
+        return check_sections_agree(self)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="python")
 
 
 # ------------------------------------------------------------------------ cross-section checks
-def check_crash_faults(scenario: Scenario) -> Scenario:
-    """``faults.crash_clients`` must name clients that exist (``0..data.num_clients-1``) and
-    ``faults.crash_rounds`` rounds that run (``1..run.rounds``); rounds without clients would do nothing."""
-    f, n, rounds = scenario.faults, scenario.data.num_clients, scenario.run.rounds
-    ghosts = sorted({c for c in f.crash_clients if not 0 <= c < n})
-    if ghosts:
-        raise ConfigError("faults.crash_clients", f"client id(s) {ghosts} do not exist: data.num_clients = {n} "
-                          f"gives ids 0..{n - 1}, so these crashes would never happen",
-                          f"use ids in 0..{n - 1} or raise data.num_clients")
-    never = sorted({r for r in f.crash_rounds if not 1 <= r <= rounds})
-    if never:
-        raise ConfigError("faults.crash_rounds", f"round(s) {never} are outside 1..{rounds} (run.rounds = {rounds}), "
-                          "so these crashes would never happen", f"use rounds in 1..{rounds} or raise run.rounds")
-    if f.crash_rounds and not f.crash_clients:
-        raise ConfigError("faults.crash_rounds", "set without faults.crash_clients, so nothing would crash",
-                          "name the crashing clients in faults.crash_clients or remove faults.crash_rounds")
-    return scenario
-
-
-def check_min_train_clients(scenario: Scenario) -> Scenario:
-    """A round cannot need more clients (``strategy.min_train_clients``) than exist (``data.num_clients``)."""
-    need, n = scenario.strategy.min_train_clients, scenario.data.num_clients
-    if need > n:
-        raise ConfigError("strategy.min_train_clients", f"{need} clients needed per round but the federation has "
-                          f"{n} (data.num_clients)", f"lower strategy.min_train_clients to at most {n} "
-                          "or raise data.num_clients")
-    return scenario
-
-
 # --------------------------------------------------------------------------------------------
 def parse_value(text: str) -> Any:
     """Parse an override value as a TOML value (``3``, ``0.1``, ``true``, ``[1, 2]``, ``"x"``)."""
@@ -397,6 +369,8 @@ def read_scenario_text(path: str | Path) -> tuple[Path, str]:
     try:
         if not p.exists():
             builtin = Path(__file__).resolve().parent.parent / "scenarios" / p.name
+            if not builtin.is_file() and not p.suffix:  # `fedsim run default`: the built-in default.toml
+                builtin = builtin.with_name(p.name + ".toml")
             if p.name != text or not builtin.is_file():
                 raise ConfigError(shown, "scenario file not found", _PATH_HINT)
             p = builtin

@@ -267,6 +267,11 @@ def test_unusable_scenario_paths_are_config_errors_naming_the_path(make, words, 
 
 def test_a_bare_builtin_name_still_finds_the_builtin_and_deep_overrides_are_strings():
     assert load_scenario("default.toml").run.engine == "local"
+    assert load_scenario("default") == load_scenario("default.toml")  # `fedsim run default`
+    assert load_scenario("dp_sgd_digits").privacy.mechanism == "dp-sgd"
+    for missing in ("no_such_scenario", "elsewhere/default"):
+        with pytest.raises(ConfigError, match="not found"):
+            load_scenario(missing)
     assert parse_value("[" * 10_000) == "[" * 10_000
     with pytest.raises(ConfigError) as ei:
         scenario_from_dict({}, ["run.rounds=" + "[" * 10_000])
@@ -353,3 +358,21 @@ def test_settings_the_chosen_mechanism_never_reads_are_refused(mechanism, privac
 def test_settings_the_mechanism_reads_are_accepted(mechanism, privacy):
     s = scenario_from_dict({"privacy": {"mechanism": mechanism, **privacy}})
     assert all(getattr(s.privacy, k) == v for k, v in privacy.items())
+
+
+@pytest.mark.parametrize("sets, key", [
+    (['client.optimizer="adam"', "client.momentum=0.9"], "client.momentum"),
+    (['client.optimizer="adamw"', "client.momentum=0.5"], "client.momentum"),
+    (["faults.straggler_slowdown=3"], "faults.straggler_slowdown"),
+])
+def test_a_setting_another_key_makes_inert_is_refused(sets, key):
+    with pytest.raises(ConfigError) as err:
+        scenario_from_dict({}, sets)
+    assert err.value.key == key and "no effect" in str(err.value)
+
+
+def test_the_same_settings_are_accepted_where_they_act():
+    s = scenario_from_dict({}, ['client.optimizer="sgd"', "client.momentum=0.9", "faults.stragglers=0.2",
+                                "faults.straggler_slowdown=3"])
+    assert s.client.momentum == 0.9 and s.faults.straggler_slowdown == 3
+    assert scenario_from_dict({}, ['client.optimizer="adam"']).client.momentum == 0.0
