@@ -228,12 +228,13 @@ FAILED_ROUND_HINT = ("clients.jsonl has each client's reason; lower run.quorum, 
 
 
 def _raise_if_every_round_failed(rows: list[dict[str, Any]]) -> None:
-    """Under ``run.on_failed_round = "continue"``: a run whose every round failed trained nothing and
-    must not end ``completed`` (its final model is the initial one)."""
+    """A run whose every round failed (under ``run.on_failed_round = "continue"``) or was skipped by its
+    aggregator (``aggregation-failed`` and nothing ``decoded``: coded gradients' own skip) trained nothing
+    and must not end ``completed`` (its final model is the initial one)."""
     ran = [r for r in rows if int(r.get("round", 0)) >= 1]
-    if ran and all(r.get("round-failed") for r in ran):
-        err = FailedRoundError(f"every one of the {len(ran)} rounds failed (no valid reply, or below run.quorum): "
-                               "nothing was trained, the final model is the initial one",
+    if ran and all(r.get("round-failed") or (r.get("aggregation-failed") and not r.get("decoded")) for r in ran):
+        err = FailedRoundError(f"every one of the {len(ran)} rounds failed (no valid reply, below run.quorum, or "
+                               "refused by the aggregator): nothing was trained, the final model is the initial one",
                                "clients.jsonl has each client's reason; fix what makes them fail, lower "
                                "run.quorum, or raise run.round_timeout if clients timed out")
         err.every_round = True  # type: ignore[attr-defined]  (the summary's status says so)

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.data.federation import federation_of
 from fedsim.engines.local import run_local
-from fedsim.errors import ClientUpdateError, ConfigError
+from fedsim.errors import ClientUpdateError, ConfigError, FailedRoundError
 from fedsim.models import build_model
 from fedsim.results import load_checkpoint, read_jsonl
 from fedsim.rng import derive_seed
@@ -114,11 +114,16 @@ def test_more_than_s_stragglers_wait_or_skip_never_a_wrong_step(tmp_path):
 
 def test_missing_workers_cyclic_refuses_fr_still_decodes(tmp_path):
     base = ["strategy.s=1", 'strategy.stragglers="none"', "run.rounds=2"]
-    # cyclic, 2 crashed workers > s = 1: the decoder's residual check refuses, the model stays put
-    rows, clients, ckpt = run(tmp_path, scenario(*base, "faults.crash_clients=[0, 1]"), "cyclic")
+    # cyclic, 2 crashed workers > s = 1: the decoder's residual check refuses, the model stays put — and a run
+    # that decoded in no round trained nothing, so it ends "failed: every round failed", never "completed"
+    with pytest.raises(FailedRoundError, match="every one of the 2 rounds"):
+        run_local(scenario(*base, "faults.crash_clients=[0, 1]"), tmp_path / "cyclic")
+    out = tmp_path / "cyclic"
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed: every round failed"
+    rows, clients = read_jsonl(out / "metrics.jsonl")[1:], read_jsonl(out / "clients.jsonl")
     assert all(r["aggregation-failed"] == 1 and r["decoded"] == 0 for r in rows)
     assert any("cannot decode" in c.get("reason", "") for c in clients if c["status"] == "aggregation")
-    (final,) = replicas(ckpt)
+    (final,) = replicas(load_checkpoint(sorted((out / "checkpoints").glob("round_*.npz"))[-1]))
     assert np.array_equal(final, reference_gd(scenario(), steps=0))
     # fractional repetition, groups {0,1} {2,3} {4,5}: workers 0 and 2 lost, every group has a survivor
     rows, _, ckpt = run(tmp_path, scenario(*base, 'strategy.scheme="fr"', "faults.crash_clients=[0, 2]"), "fr")
