@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from fedsim.config_hints import pld_noise_too_small, privacy_setting_without_effect, to_config_error, unknown_key_hint
 from fedsim.config_checks import DEFAULT_STRAGGLER_SLOWDOWN, check_sections_agree
 from fedsim.errors import ConfigError
-from fedsim.privacy.bounds import MAX_NOISE, MIN_NOISE
+from fedsim.privacy.bounds import MAX_NOISE, MIN_NOISE, outside_accountable_range
 
 
 class _Section(BaseModel):
@@ -224,7 +224,7 @@ class PrivacyConfig(_Section):
         """Each noise multiplier σ is 0 or in ``[MIN_NOISE, MAX_NOISE]``: the accountants compute 1/σ² and σ²,
         which underflow or overflow far outside it (σ = 1e-300 divides by zero, σ = 1e308 overflows)."""
         for key in ("noise_multiplier", "counter_noise", "count_noise"):
-            if (sigma := getattr(self, key)) != 0 and not MIN_NOISE <= sigma <= MAX_NOISE:
+            if outside_accountable_range(sigma := getattr(self, key)):
                 raise ConfigError(f"privacy.{key}", f"{sigma} is outside 0 or [{MIN_NOISE}, {MAX_NOISE:g}], where "
                                   "the privacy accountants' arithmetic is sound",
                                   f"set privacy.{key} = 0 (off) or a value in [{MIN_NOISE}, {MAX_NOISE:g}]")

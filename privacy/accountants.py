@@ -303,12 +303,10 @@ class ZcdpAccountant(Accountant):
 
 
 def _gaussian_noise(event: Event) -> float:
-    """The noise multiplier of the Gaussian behind ``event`` (a Gaussian zCDP event's is 1/sqrt(2ρ)); 0 for none."""
-    if isinstance(event, ZCDPEvent):
-        return 1.0 / math.sqrt(2.0 * event.rho) if event.gaussian and event.rho > 0 else 0.0
-    if isinstance(event, FixedSizeGaussianEvent):
-        return event.noise_multiplier / event.replace_sensitivity
-    return float(getattr(event, "noise_multiplier", 0.0))
+    """The noise multiplier of one release of ``event``, 1/sqrt(2ρ) from its ρ (:func:`event_rho`); 0 for a
+    release without noise or one that samples nobody."""
+    rho = event_rho(event)
+    return 1.0 / math.sqrt(2.0 * rho) if 0 < rho < math.inf else 0.0
 
 
 def _total_rho(ledger: list[tuple[Event, int]]) -> float:

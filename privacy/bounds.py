@@ -13,4 +13,11 @@
 MIN_NOISE, MAX_NOISE = 1e-3, 1e6  #: the range of a non-zero noise multiplier for every accountant
 PLD_MIN_NOISE = 0.2  #: the smallest non-zero Gaussian noise multiplier the PLD accountant takes
 
-__all__ = ["MAX_NOISE", "MIN_NOISE", "PLD_MIN_NOISE"]
+
+
+def outside_accountable_range(sigma: float) -> bool:
+    """Whether a noise multiplier is neither 0 (no noise) nor in ``[MIN_NOISE, MAX_NOISE]``."""
+    return sigma != 0 and not MIN_NOISE <= sigma <= MAX_NOISE
+
+
+__all__ = ["MAX_NOISE", "MIN_NOISE", "PLD_MIN_NOISE", "outside_accountable_range"]

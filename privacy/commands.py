@@ -13,7 +13,7 @@ import numpy as np
 
 from fedsim.errors import ConfigError
 from fedsim.privacy.accountants import make_accountant
-from fedsim.privacy.bounds import MAX_NOISE, MIN_NOISE
+from fedsim.privacy.bounds import MAX_NOISE, MIN_NOISE, outside_accountable_range
 from fedsim.privacy.calibration import calibrate_noise_multiplier
 from fedsim.privacy.counters import COUNTERS
 from fedsim.privacy.events import sampled_event
@@ -31,7 +31,7 @@ def epsilon(noise: float, sample_rate: float, steps: int, delta: float, accounta
     ``sampling="fixed"`` accounts fixed-size batches drawn without replacement (replace-one
     neighbours, RDP only); ``population`` then fixes m = round(q·n).
     """
-    if noise != 0 and not MIN_NOISE <= noise <= MAX_NOISE:
+    if outside_accountable_range(noise):
         raise ConfigError("noise", f"{noise:g} is outside 0 or [{MIN_NOISE:g}, {MAX_NOISE:g}], where the accountants' "
                           "arithmetic is sound (1/σ² and σ² underflow or overflow beyond it)",
                           f"pass --noise 0 (no noise: ε = ∞) or a value in [{MIN_NOISE:g}, {MAX_NOISE:g}]")
